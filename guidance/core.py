@@ -1,0 +1,104 @@
+"""Shared solver cores in sigma-space (``x = x0 + sigma * n``): Euler, Heun, ancestral, Langevin.
+
+Everything here is a small pure function; the samplers in this package compose them
+with a guidance term. State is float64; the network runs in its own dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Callback = Optional[Callable[[dict], None]]
+
+
+class DivergedError(RuntimeError):
+    """A sampler produced a non-finite state; the run is stopped."""
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def init_state(num: int, shape, sigma0: float, generator: torch.Generator | None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """``x_0 ~ N(0, sigma0^2 I)`` in float64."""
+    return sigma0 * torch.randn((num,) + tuple(shape), generator=generator, dtype=torch.float64, device=device)
+
+
+def col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``[B]`` tensor shaped to broadcast against ``x``."""
+    return v.view((-1,) + (1,) * (x.dim() - 1))
+
+
+def to_d(x: torch.Tensor, sigma, x0: torch.Tensor) -> torch.Tensor:
+    """ODE derivative ``dx/dsigma = (x - D(x)) / sigma`` (Karras et al. 2022, eq. 3)."""
+    return (x - x0) / sigma
+
+
+def euler_step(x, x0, sigma, sigma_next):
+    return x + (sigma_next - sigma) * to_d(x, sigma, x0)
+
+
+def ancestral_sigmas(sigma, sigma_next, eta: float = 1.0):
+    """Split ``sigma -> sigma_next`` into a deterministic part to ``sigma_down`` and fresh noise ``sigma_up``.
+
+    With ``eta = 1`` this is DDPM's posterior step (Ho et al. 2020) in sigma-space.
+    """
+    if sigma_next == 0:
+        return 0.0, 0.0
+    up = min(float(sigma_next), eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    down = (sigma_next ** 2 - up ** 2) ** 0.5
+    return float(down), float(up)
+
+
+def ancestral_step(x, x0, sigma, sigma_next, generator, eta: float = 1.0):
+    down, up = ancestral_sigmas(float(sigma), float(sigma_next), eta)
+    x = x + (down - sigma) * to_d(x, sigma, x0)
+    return x + up * randn_like(x, generator) if up > 0 else x
+
+
+def langevin_step(x, score, step, generator):
+    """Unadjusted Langevin: ``x + step * score + sqrt(2 step) z`` (``step`` float or per-sample)."""
+    step = torch.as_tensor(step, dtype=x.dtype, device=x.device)
+    if step.dim() == 1:
+        step = col(step, x)
+    return x + step * score + torch.sqrt(2 * step) * randn_like(x, generator)
+
+
+def snr_step_size(score: torch.Tensor, noise_std: float, snr: float) -> torch.Tensor:
+    """Song et al. 2021 corrector rule: ``step = 2 (snr ||z|| / ||score||)^2`` per sample."""
+    n = score[0].numel()
+    grad_norm = score.flatten(1).norm(dim=1).clamp_min(1e-30)
+    return 2 * (snr * (n ** 0.5) * noise_std / grad_norm) ** 2
+
+
+def check_finite(x: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise DivergedError(f"the sampler produced non-finite values at step {step}; "
+                            "lower the guidance weight (zeta / lam) or use more steps")
+
+
+def report(callback: Callback, i: int, total: int, sigma, x, x0) -> None:
+    """Check the state and tell the callback ``{i, total, sigma, x, x0_hat}`` (it may raise to cancel)."""
+    check_finite(x, i)
+    if callback is not None:
+        callback({"i": i, "total": total, "sigma": float(sigma), "x": x, "x0_hat": x0})
+
+
+def per_sample_norm(r: torch.Tensor) -> torch.Tensor:
+    return r.flatten(1).norm(dim=1)
+
+
+def denoise_with_grad(denoiser, x: torch.Tensor, sigma, loss_fn):
+    """``x0 = D(x, sigma)``, per-sample ``loss_fn(x0) -> [B]`` and its gradient w.r.t. ``x``.
+
+    Each sample's loss depends only on its own ``x``, so the gradient of the sum is
+    the per-sample gradient (never pooled over the batch).
+    """
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        x0 = denoiser(xg, sigma)
+        losses = loss_fn(x0)
+        grad, = torch.autograd.grad(losses.sum(), xg)
+    return x0.detach(), losses.detach(), grad

@@ -1,0 +1,267 @@
+"""Guided reverse-diffusion samplers, one function each, sharing the cores in ``core.py``.
+
+Signature (DESIGN.md contract 3)::
+
+    sample_<method>(denoiser, operator, y, sigmas, *, config, generator, callback=None,
+                    noise_sigma=0.0, pde=None) -> Tensor [B, C, H, W]
+
+``y`` carries the batch: ``B = y.shape[0]`` posterior samples are drawn at once (each row
+may hold its own observation). ``operator`` and ``pde`` act on the network-space state
+(see ``operators.Rescaled``); ``sigmas`` is a decreasing schedule ending in 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .core import (ancestral_step, col, denoise_with_grad, init_state, langevin_step,
+                   report, snr_step_size, to_d)
+from .terms import (channel_masks, data_loss, matched_noise_level, measurement_path,
+                    null_space, pde_loss, soft_project)
+
+
+def _start(denoiser, y, sigmas, generator):
+    return init_state(y.shape[0], denoiser.shape, float(sigmas[0]), generator, y.device)
+
+
+def _weights(zeta, channels: int):
+    """A scalar weight or one per channel."""
+    if isinstance(zeta, (int, float)):
+        return float(zeta)
+    if len(zeta) != channels:
+        raise ValueError(f"expected {channels} per-channel weights, got {len(zeta)}")
+    return tuple(float(z) for z in zeta)
+
+
+# --------------------------------------------------------------------------- DPS
+@dataclass(frozen=True)
+class DPSConfig:
+    """DPS parameters (Chung et al. 2023). ``zeta`` is the paper's zeta'; ``zeta_pde`` weighs the PDE term."""
+
+    steps: int = 1000
+    zeta: float = 1.0
+    zeta_pde: float = 0.0
+    eta: float = 1.0
+    schedule: str = "vp_linear"
+    nfe_per_step: ClassVar[int] = 1
+
+
+def sample_dps(denoiser, operator, y, sigmas, *, config: DPSConfig, generator, callback=None,
+               noise_sigma: float = 0.0, pde=None):
+    """Diffusion Posterior Sampling (Chung, Kim, McCann, Klasky, Ye, ICLR 2023), Algorithm 1.
+
+    Ancestral (DDPM) steps; after each, ``x -= zeta_i grad_x ||y - A(x0_hat(x))||^2`` with
+    ``zeta_i = zeta / ||y - A(x0_hat)||``, i.e. ``2 zeta grad ||r||`` per sample. The step is
+    taken in DDPM's VP coordinates, which in sigma-space multiplies it by
+    ``sqrt((1 + sigma_i^2)(1 + sigma_{i+1}^2))``.
+    """
+    x = _start(denoiser, y, sigmas, generator)
+    n = len(sigmas) - 1
+
+    def loss(x0):
+        out = config.zeta * data_loss(operator, y, x0)
+        if pde is not None and config.zeta_pde:
+            out = out + config.zeta_pde * pde_loss(pde, x0)
+        return out
+
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0, _, grad = denoise_with_grad(denoiser, x, s, loss)
+        vp = math.sqrt((1 + s ** 2) * (1 + s_next ** 2))
+        x = ancestral_step(x, x0, s, s_next, generator, config.eta) - 2 * vp * grad
+        report(callback, i, n, s, x, x0)
+    return x
+
+
+# --------------------------------------------------------------------------- ALD
+@dataclass(frozen=True)
+class ALDConfig:
+    """Projection-based annealed Langevin parameters.
+
+    ``steps`` noise levels, each with ``corrector_steps`` Langevin steps (``step_rule`` "snr":
+    Song et al. 2021's signal-to-noise rule; "eps": ``eps * sigma_i^2 / sigma_L^2``) and a
+    projection with mixing ``lam`` (1 = hard projection).
+    """
+
+    steps: int = 200
+    corrector_steps: int = 1
+    final_corrector_steps: int = 50
+    snr: float = 0.16
+    step_rule: str = "snr"
+    eps: float = 2e-5
+    lam: float = 1.0
+    zeta_pde: float = 0.0
+    schedule: str = "ve"
+    nfe_per_step: ClassVar[int] = 2  # corrector_steps + 1 with the default
+
+
+def _with_level(sigmas: torch.Tensor, nu: float | None) -> torch.Tensor:
+    """Insert the matched level ``nu`` into the schedule (if it falls strictly inside)."""
+    if nu is None or nu <= 0 or nu >= float(sigmas[0]) or bool((sigmas == nu).any()):
+        return sigmas
+    s = torch.cat([sigmas, sigmas.new_tensor([nu])])
+    return s.sort(descending=True).values
+
+
+def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, callback=None,
+               noise_sigma: float = 0.0, pde=None):
+    """Projection-based score ALD (Song, Shen, Xing, Ermon, ICLR 2022; Jalal et al. 2021).
+
+    At each level ``sigma_i``: (1) project onto a noised measurement ``y_i`` drawn from
+    ``p(A x_i | y)`` with mixing ``lam``; (2) Langevin corrector steps, confined to the null
+    space of ``A`` while the measurement still constrains ``x_i``; (3) an ancestral predictor
+    step to ``sigma_{i+1}``. With noise ``sigma_y`` and ``A A^T = c I`` the measurement stands
+    in for ``A x_nu`` at ``nu = sigma_y / sqrt(c)``: projection stops there and sampling
+    continues unconditionally, which is exact for a Gaussian prior.
+    """
+    if not operator.linear:
+        raise ValueError("ald needs a linear operator (use dps or diffusion_pde for nonlinear ones)")
+    nu = matched_noise_level(operator, noise_sigma)
+    sigmas = _with_level(sigmas, nu)
+    x = _start(denoiser, y, sigmas, generator)
+    n = len(sigmas) - 1
+    s_last = float(sigmas[n - 1])
+    path = None
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        constrained = nu is None or s >= nu
+        if constrained:  # (1) data consistency
+            y_i, path = measurement_path(operator, y, s, path, noise_sigma, generator)
+            x = soft_project(operator, x, y_i, s, noise_sigma, config.lam)
+        handoff = nu is not None and s == nu
+        for _ in range(config.final_corrector_steps if handoff else config.corrector_steps):  # (2) corrector
+            score = (denoiser(x, s) - x) / s ** 2
+            if pde is not None and config.zeta_pde:
+                score = score - config.zeta_pde * _pde_grad(pde, x)
+            if constrained and config.lam == 1.0:
+                score = null_space(operator, score)
+            step = (snr_step_size(score, 1.0, config.snr) if config.step_rule == "snr"
+                    else torch.full((x.shape[0],), config.eps * s ** 2 / s_last ** 2, dtype=x.dtype))
+            x_new = langevin_step(x, score, step, generator)
+            x = x + null_space(operator, x_new - x) if constrained and config.lam == 1.0 else x_new
+        x0 = denoiser(x, s)  # (3) predictor
+        x = ancestral_step(x, x0, s, s_next, generator)
+        report(callback, i, n, s, x, x0)
+    return x
+
+
+def _pde_grad(pde, x):
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        g, = torch.autograd.grad(pde_loss(pde, xg).sum(), xg)
+    return g
+
+
+# --------------------------------------------------------------------------- DiffusionPDE
+@dataclass(frozen=True)
+class DiffusionPDEConfig:
+    """DiffusionPDE parameters (Huang et al. 2024). ``zeta_obs`` is a scalar or one weight per
+    channel; before ``pde_switch * steps`` only the observation term guides, after it the PDE
+    term joins and the observation weight is multiplied by ``late_obs_scale``."""
+
+    steps: int = 2000
+    zeta_obs: float | tuple[float, ...] = 5.0
+    zeta_pde: float = 100.0
+    pde_switch: float = 0.8
+    late_obs_scale: float = 0.1
+    schedule: str = "karras"
+    rho: float = 7.0
+    nfe_per_step: ClassVar[int] = 2
+
+
+def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEConfig, generator,
+                         callback=None, noise_sigma: float = 0.0, pde=None):
+    """DiffusionPDE (Huang, Yang, Wang, Park, NeurIPS 2024): EDM Heun steps guided by
+    ``zeta_obs ||(y - A x0)|_c||`` per channel and ``zeta_pde ||R(x0)||``; the gradient is
+    taken w.r.t. the step's start through the Heun-corrected ``x0_hat``."""
+    x = _start(denoiser, y, sigmas, generator)
+    n = len(sigmas) - 1
+    w = _weights(config.zeta_obs, operator.in_shape[0])
+    masks = channel_masks(operator, y) if isinstance(w, tuple) else None
+    switch = config.pde_switch * n
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        late = i > switch
+        obs_scale = config.late_obs_scale if late else 1.0
+
+        def step_and_loss(xc):
+            x0 = denoiser(xc, s)
+            d = to_d(xc, s, x0)
+            xn = xc + (s_next - s) * d
+            if s_next > 0:  # Heun correction
+                x0 = denoiser(xn, s_next)
+                xn = xc + (s_next - s) * 0.5 * (d + to_d(xn, s_next, x0))
+            loss = obs_scale * data_loss(operator, y, x0, w, masks)
+            if late and pde is not None and config.zeta_pde:
+                loss = loss + config.zeta_pde * pde_loss(pde, x0)
+            return xn, x0, loss
+
+        with torch.enable_grad():
+            xc = x.detach().requires_grad_(True)
+            xn, x0, loss = step_and_loss(xc)
+            grad, = torch.autograd.grad(loss.sum(), xc)
+        x = xn.detach() - grad
+        report(callback, i, n, s, x, x0.detach())
+    return x
+
+
+# --------------------------------------------------------------------------- fast
+@dataclass(frozen=True)
+class FastConfig:
+    """The project's fast sampler. ``lam`` scales the prior's weight in the data step;
+    ``eta`` the fresh noise of the ancestral step (1 = DDPM, 0 = DDIM);
+    ``zeta_obs`` / ``zeta_pde`` weigh gradient steps for nonlinear and PDE terms."""
+
+    steps: int = 30
+    lam: float = 1.0
+    eta: float = 1.0
+    zeta_obs: float | tuple[float, ...] = 1.0
+    zeta_pde: float = 0.0
+    grad_steps: int = 1
+    schedule: str = "karras"
+    nfe_per_step: ClassVar[int] = 1
+
+
+def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator, callback=None,
+                noise_sigma: float = 0.0, pde=None):
+    """Proximal data step on ``x0_hat``, then an ancestral step (after DiffPIR, Zhu et al. 2023,
+    and DDNM, Wang et al. 2023; weights from PiGDM, Song et al. 2023): one network call per step.
+
+    Data step: ``x0' = argmin ||A u - y||^2 / sigma_y^2 + ||u - x0_hat||^2 / (lam r_i^2)`` with
+    ``r_i^2 = sigma_i^2 sd^2 / (sigma_i^2 + sd^2)`` the variance of ``x0`` given ``x_i`` for data of
+    variance ``sd^2`` (closed form or CG; an exact projection when noiseless). Nonlinear and
+    PDE terms take ``grad_steps`` gradient steps on ``x0'`` instead, no network backprop.
+    """
+    x = _start(denoiser, y, sigmas, generator)
+    n = len(sigmas) - 1
+    sd2 = float(getattr(denoiser, "sigma_data", 0.5)) ** 2
+    w = _weights(config.zeta_obs, operator.in_shape[0])
+    masks = channel_masks(operator, y) if isinstance(w, tuple) else None
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, s)
+        r2 = s ** 2 * sd2 / (s ** 2 + sd2)
+        if operator.linear and noise_sigma == 0:
+            x0d = operator.project(x0, y)
+        elif operator.linear:
+            x0d = operator.prox(x0, y, noise_sigma ** 2 / (config.lam * r2))
+        else:
+            x0d = _gradient_steps(x0, lambda u: data_loss(operator, y, u, w, masks), config, r2)
+        if pde is not None and config.zeta_pde:
+            x0d = _gradient_steps(x0d, lambda u: config.zeta_pde * pde_loss(pde, u), config, r2)
+        x = ancestral_step(x, x0d, s, s_next, generator, config.eta)
+        report(callback, i, n, s, x, x0d)
+    return x
+
+
+def _gradient_steps(x0, loss_fn, config: FastConfig, r2: float):
+    """A few steps of ``x0 -= r2 * grad loss`` (step scaled by the current uncertainty)."""
+    for _ in range(config.grad_steps):
+        with torch.enable_grad():
+            u = x0.detach().requires_grad_(True)
+            g, = torch.autograd.grad(loss_fn(u).sum(), u)
+        x0 = x0 - r2 * g
+    return x0.detach()

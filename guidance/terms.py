@@ -1,0 +1,94 @@
+"""Guidance terms shared by the samplers: data-fit and PDE-residual losses, noise-matched projections."""
+from __future__ import annotations
+
+import torch
+
+from .core import per_sample_norm, randn_like
+
+
+def channel_masks(operator, y: torch.Tensor) -> list[torch.Tensor] | None:
+    """For each input channel ``c``, the observation entries that depend on it (``|A| e_c != 0``).
+
+    Used to weight the data term per channel (DiffusionPDE's ``zeta_a``, ``zeta_u``).
+    Returns None when the operator mixes channels.
+    """
+    if not getattr(operator, "channel_separable", False) or not operator.linear:
+        return None
+    c = operator.in_shape[0]
+    masks = []
+    for k in range(c):
+        e = torch.zeros((1,) + operator.in_shape, dtype=y.dtype, device=y.device)
+        e[:, k] = 1.0
+        masks.append((operator.forward(e).abs() > 0).to(y.dtype))
+    return masks
+
+
+def data_loss(operator, y: torch.Tensor, x0: torch.Tensor, weights=None, masks=None) -> torch.Tensor:
+    """Per-sample ``sum_c w_c ||(y - A x0)|_c||`` (or ``w ||y - A x0||`` for a scalar weight)."""
+    r = y - operator.forward(x0)
+    if masks is None or weights is None or isinstance(weights, (int, float)):
+        w = 1.0 if weights is None else float(weights if isinstance(weights, (int, float)) else weights[0])
+        return w * per_sample_norm(r)
+    return sum(float(w) * per_sample_norm(r * m) for w, m in zip(weights, masks) if w)
+
+
+def pde_loss(pde, x0: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean-square-root PDE residual ``||R(x0)|| / sqrt(#nodes)``."""
+    r = pde.residual(x0)
+    return per_sample_norm(r) / r[0].numel() ** 0.5
+
+
+def matched_noise_level(operator, noise_sigma: float) -> float | None:
+    """``nu = sigma_y / sqrt(c)`` when ``A A^T = c I``: the diffusion level at which ``A x_nu`` is
+    distributed exactly as the noisy observation (so ``y`` can stand in for ``A x_nu``)."""
+    c = getattr(operator, "row_gram", None)
+    if c is None:
+        return None
+    return float(noise_sigma) / float(c) ** 0.5
+
+
+def measurement_path(operator, y, sigma: float, prev, noise_sigma: float, generator):
+    """The noised measurement ``y_sigma``, a draw of ``A x_sigma`` given ``y``, along one path.
+
+    ``y_sigma = y + b(sigma)`` where ``b`` is the forward noise seen through ``A``: a Brownian
+    motion in variance ``v = sigma^2 - nu^2`` (``nu`` the matched level, 0 if none), pinned to
+    0 at ``v = 0``. Going down in sigma, ``b`` is drawn from its bridge given the previous value
+    ``prev = (v, b)``, so successive levels see one consistent trajectory (not fresh noise each
+    level, which would decorrelate the observed and unobserved parts). Returns ``(y_sigma, state)``.
+    """
+    nu = matched_noise_level(operator, noise_sigma) or 0.0
+    v = max(sigma ** 2 - nu ** 2, 0.0)
+    if v == 0:
+        return y, (0.0, torch.zeros_like(y))
+    z = torch.randn((y.shape[0],) + operator.in_shape, generator=generator, dtype=y.dtype, device=y.device)
+    az = operator.forward(z)
+    if prev is None:
+        b = v ** 0.5 * az
+    else:  # bridge: b(v) | b(v_prev) ~ N(v/v_prev b_prev, v (1 - v/v_prev))
+        v_prev, b_prev = prev
+        ratio = v / v_prev
+        b = ratio * b_prev + (v * max(1 - ratio, 0.0)) ** 0.5 * az
+    return y + b, (v, b)
+
+
+def soft_project(operator, x, y_hat, sigma: float, noise_sigma: float, lam: float) -> torch.Tensor:
+    """Data consistency with mixing ``lam``.
+
+    Noiseless or matched (``A A^T = c I``): ``x + lam A^+ (y_hat - A x)``, an exact projection at
+    ``lam = 1``. Otherwise the Gaussian (Kalman) update of a state with uncertainty ``sigma^2``
+    by a measurement with noise ``sigma_y^2``: ``x + lam sigma^2 A^T (sigma^2 A A^T + sigma_y^2)^{-1}(y_hat - A x)``,
+    via ``prox`` (same thing, written in the input space).
+    """
+    if noise_sigma == 0 or matched_noise_level(operator, noise_sigma) is not None:
+        return x + lam * operator.pseudo_inverse(y_hat - operator.forward(x))
+    rho = (noise_sigma / sigma) ** 2
+    return x + lam * (operator.prox(x, y_hat, rho) - x)
+
+
+def null_space(operator, v: torch.Tensor) -> torch.Tensor:
+    """``(I - A^+ A) v``: the part of ``v`` the observation does not see."""
+    return v - operator.pseudo_inverse(operator.forward(v))
+
+
+__all__ = ["channel_masks", "data_loss", "pde_loss", "matched_noise_level", "measurement_path",
+           "soft_project", "null_space", "randn_like"]
