@@ -16,14 +16,34 @@ class DivergedError(RuntimeError):
     """A sampler produced a non-finite state; the run is stopped."""
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+class SplitGenerator:
+    """One random stream per block of the batch, so that jobs batched together draw exactly
+    the noise they would draw alone: ``SplitGenerator([(gen_a, 2), (gen_b, 3)])`` for B = 5."""
+
+    def __init__(self, parts: list[tuple[torch.Generator, int]]):
+        self.parts = parts
+
+    def randn(self, shape, dtype, device) -> torch.Tensor:
+        if sum(n for _, n in self.parts) != shape[0]:
+            raise ValueError("SplitGenerator blocks do not add up to the batch size")
+        return torch.cat([torch.randn((n,) + tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
+                          for g, n in self.parts]).to(device)
 
 
-def init_state(num: int, shape, sigma0: float, generator: torch.Generator | None,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+def randn(shape, generator, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    if isinstance(generator, SplitGenerator):
+        return generator.randn(shape, dtype, device)
+    where = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=where).to(device)
+
+
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return randn(x.shape, generator, x.dtype, x.device)
+
+
+def init_state(num: int, shape, sigma0: float, generator, device: torch.device | str = "cpu") -> torch.Tensor:
     """``x_0 ~ N(0, sigma0^2 I)`` in float64."""
-    return sigma0 * torch.randn((num,) + tuple(shape), generator=generator, dtype=torch.float64, device=device)
+    return sigma0 * randn((num,) + tuple(shape), generator, torch.float64, device)
 
 
 def col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -58,19 +78,10 @@ def ancestral_step(x, x0, sigma, sigma_next, generator, eta: float = 1.0):
     return x + up * randn_like(x, generator) if up > 0 else x
 
 
-def langevin_step(x, score, step, generator):
-    """Unadjusted Langevin: ``x + step * score + sqrt(2 step) z`` (``step`` float or per-sample)."""
-    step = torch.as_tensor(step, dtype=x.dtype, device=x.device)
-    if step.dim() == 1:
-        step = col(step, x)
-    return x + step * score + torch.sqrt(2 * step) * randn_like(x, generator)
-
-
-def snr_step_size(score: torch.Tensor, noise_std: float, snr: float) -> torch.Tensor:
-    """Song et al. 2021 corrector rule: ``step = 2 (snr ||z|| / ||score||)^2`` per sample."""
-    n = score[0].numel()
+def snr_step_size(score: torch.Tensor, noise: torch.Tensor, snr: float) -> torch.Tensor:
+    """Song et al. 2021 corrector rule, per sample: ``step = 2 (snr ||z|| / ||score||)^2``."""
     grad_norm = score.flatten(1).norm(dim=1).clamp_min(1e-30)
-    return 2 * (snr * (n ** 0.5) * noise_std / grad_norm) ** 2
+    return 2 * (snr * noise.flatten(1).norm(dim=1) / grad_norm) ** 2
 
 
 def check_finite(x: torch.Tensor, step: int) -> None:

@@ -17,10 +17,10 @@ from typing import ClassVar
 
 import torch
 
-from .core import (ancestral_step, col, denoise_with_grad, init_state, langevin_step,
-                   report, snr_step_size, to_d)
+from .core import (ancestral_step, col, denoise_with_grad, init_state, randn_like, report,
+                   snr_step_size, to_d)
 from .terms import (channel_masks, data_loss, matched_noise_level, measurement_path,
-                    null_space, pde_loss, soft_project)
+                    null_space, pde_loss, soft_project, SpectralConsistency)
 
 
 def _start(denoiser, y, sigmas, generator):
@@ -88,8 +88,8 @@ class ALDConfig:
 
     steps: int = 200
     corrector_steps: int = 1
-    final_corrector_steps: int = 50
-    snr: float = 0.16
+    final_corrector_steps: int = 300
+    snr: float = 0.12
     step_rule: str = "snr"
     eps: float = 2e-5
     lam: float = 1.0
@@ -111,15 +111,18 @@ def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, c
     """Projection-based score ALD (Song, Shen, Xing, Ermon, ICLR 2022; Jalal et al. 2021).
 
     At each level ``sigma_i``: (1) project onto a noised measurement ``y_i`` drawn from
-    ``p(A x_i | y)`` with mixing ``lam``; (2) Langevin corrector steps, confined to the null
-    space of ``A`` while the measurement still constrains ``x_i``; (3) an ancestral predictor
-    step to ``sigma_{i+1}``. With noise ``sigma_y`` and ``A A^T = c I`` the measurement stands
-    in for ``A x_nu`` at ``nu = sigma_y / sqrt(c)``: projection stops there and sampling
-    continues unconditionally, which is exact for a Gaussian prior.
+    ``p(A x_i | y)`` along one consistent path, with mixing ``lam``; (2) Langevin corrector
+    steps, confined to what the measurement does not pin; (3) an ancestral predictor step.
+    With noise ``sigma_y`` a mode seen with singular value ``s`` stands in for ``x_nu`` at
+    ``nu = sigma_y / s``: it is pinned down to that level and evolves freely below it, which is
+    exact for a Gaussian prior. Where all modes share one ``nu`` (selections) that level is
+    inserted into the schedule and equilibrated with ``final_corrector_steps``.
     """
     if not operator.linear:
         raise ValueError("ald needs a linear operator (use dps or diffusion_pde for nonlinear ones)")
-    nu = matched_noise_level(operator, noise_sigma)
+    svd = operator.svd()
+    spectral = SpectralConsistency(svd, y, noise_sigma) if svd is not None else None
+    nu = _single_level(spectral) if spectral is not None else matched_noise_level(operator, noise_sigma)
     sigmas = _with_level(sigmas, nu)
     x = _start(denoiser, y, sigmas, generator)
     n = len(sigmas) - 1
@@ -127,25 +130,40 @@ def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, c
     path = None
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        constrained = nu is None or s >= nu
-        if constrained:  # (1) data consistency
+        # (1) data consistency, and what the corrector may move
+        if spectral is not None:
+            x = spectral.project(x, s, config.lam, generator)
+            free = (lambda v, s=s: spectral.free_part(v, s)) if config.lam == 1.0 else None
+        elif nu is None or s >= nu:
             y_i, path = measurement_path(operator, y, s, path, noise_sigma, generator)
             x = soft_project(operator, x, y_i, s, noise_sigma, config.lam)
+            free = (lambda v: null_space(operator, v)) if config.lam == 1.0 else None
+        else:
+            free = None
         handoff = nu is not None and s == nu
-        for _ in range(config.final_corrector_steps if handoff else config.corrector_steps):  # (2) corrector
+        for _ in range(config.final_corrector_steps if handoff else config.corrector_steps):  # (2)
             score = (denoiser(x, s) - x) / s ** 2
             if pde is not None and config.zeta_pde:
                 score = score - config.zeta_pde * _pde_grad(pde, x)
-            if constrained and config.lam == 1.0:
-                score = null_space(operator, score)
-            step = (snr_step_size(score, 1.0, config.snr) if config.step_rule == "snr"
+            z = randn_like(x, generator)
+            if free is not None:
+                score, z = free(score), free(z)
+            step = (snr_step_size(score, z, config.snr) if config.step_rule == "snr"
                     else torch.full((x.shape[0],), config.eps * s ** 2 / s_last ** 2, dtype=x.dtype))
-            x_new = langevin_step(x, score, step, generator)
-            x = x + null_space(operator, x_new - x) if constrained and config.lam == 1.0 else x_new
+            x = x + col(step, x) * score + col(torch.sqrt(2 * step), x) * z
         x0 = denoiser(x, s)  # (3) predictor
         x = ancestral_step(x, x0, s, s_next, generator)
         report(callback, i, n, s, x, x0)
     return x
+
+
+def _single_level(spectral) -> float | None:
+    """The matched level when every observed mode shares one (None otherwise)."""
+    nu = spectral.nu[spectral.observed]
+    if nu.numel() == 0 or not bool(torch.isfinite(nu).all()):
+        return None
+    lo, hi = float(nu.min()), float(nu.max())
+    return lo if hi - lo <= 1e-12 * max(hi, 1.0) else None
 
 
 def _pde_grad(pde, x):
