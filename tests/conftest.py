@@ -1,0 +1,3 @@
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
