@@ -19,8 +19,7 @@ import torch
 
 from .core import (ancestral_step, col, denoise_with_grad, init_state, randn_like, report,
                    snr_step_size, to_d)
-from .terms import (channel_masks, data_loss, matched_noise_level, measurement_path,
-                    null_space, pde_loss, soft_project, SpectralConsistency)
+from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
 
 def _start(denoiser, y, sigmas, generator):
@@ -120,26 +119,16 @@ def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, c
     """
     if not operator.linear:
         raise ValueError("ald needs a linear operator (use dps or diffusion_pde for nonlinear ones)")
-    svd = operator.svd()
-    spectral = SpectralConsistency(svd, y, noise_sigma) if svd is not None else None
-    nu = _single_level(spectral) if spectral is not None else matched_noise_level(operator, noise_sigma)
+    match = measurement_consistency(operator, y, noise_sigma)
+    nu = match.single_level()
     sigmas = _with_level(sigmas, nu)
     x = _start(denoiser, y, sigmas, generator)
     n = len(sigmas) - 1
     s_last = float(sigmas[n - 1])
-    path = None
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        # (1) data consistency, and what the corrector may move
-        if spectral is not None:
-            x = spectral.project(x, s, config.lam, generator)
-            free = (lambda v, s=s: spectral.free_part(v, s)) if config.lam == 1.0 else None
-        elif nu is None or s >= nu:
-            y_i, path = measurement_path(operator, y, s, path, noise_sigma, generator)
-            x = soft_project(operator, x, y_i, s, noise_sigma, config.lam)
-            free = (lambda v: null_space(operator, v)) if config.lam == 1.0 else None
-        else:
-            free = None
+        x = match.project(x, s, config.lam, generator)  # (1) data consistency
+        free = (lambda v, s=s: match.free_part(v, s)) if config.lam == 1.0 else None
         handoff = nu is not None and s == nu
         for _ in range(config.final_corrector_steps if handoff else config.corrector_steps):  # (2)
             score = (denoiser(x, s) - x) / s ** 2
@@ -155,15 +144,6 @@ def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, c
         x = ancestral_step(x, x0, s, s_next, generator)
         report(callback, i, n, s, x, x0)
     return x
-
-
-def _single_level(spectral) -> float | None:
-    """The matched level when every observed mode shares one (None otherwise)."""
-    nu = spectral.nu[spectral.observed]
-    if nu.numel() == 0 or not bool(torch.isfinite(nu).all()):
-        return None
-    lo, hi = float(nu.min()), float(nu.max())
-    return lo if hi - lo <= 1e-12 * max(hi, 1.0) else None
 
 
 def _pde_grad(pde, x):

@@ -131,3 +131,48 @@ class SpectralConsistency:
         """The part of ``vec`` in modes the measurement does not pin at this level."""
         c = self.svd.vt(vec)
         return self.svd.v(torch.where(self.active(sigma), torch.zeros_like(c), c))
+
+
+class PathConsistency:
+    """Measurement matching without an SVD: one consistent noise path of ``A x_sigma`` given ``y``
+    (exact for ``A A^T = c I`` down to ``nu = sigma_y / sqrt(c)``; Kalman-weighted otherwise)."""
+
+    def __init__(self, operator, y: torch.Tensor, noise_sigma: float):
+        self.operator, self.y, self.noise_sigma = operator, y, float(noise_sigma)
+        self.nu = matched_noise_level(operator, noise_sigma)
+        self.path = None
+
+    def constrained(self, sigma: float) -> bool:
+        return self.nu is None or sigma >= self.nu
+
+    def project(self, x, sigma: float, lam: float, generator) -> torch.Tensor:
+        if not self.constrained(sigma):
+            return x
+        y_s, self.path = measurement_path(self.operator, self.y, sigma, self.path, self.noise_sigma, generator)
+        return soft_project(self.operator, x, y_s, sigma, self.noise_sigma, lam)
+
+    def free_part(self, vec, sigma: float) -> torch.Tensor:
+        return null_space(self.operator, vec) if self.constrained(sigma) else vec
+
+    def single_level(self) -> float | None:
+        return self.nu
+
+
+def _spectral_single_level(self) -> float | None:
+    """The matched level when every observed mode shares one (None otherwise)."""
+    nu = self.nu[self.observed]
+    if nu.numel() == 0 or not bool(torch.isfinite(nu).all()):
+        return None
+    lo, hi = float(nu.min()), float(nu.max())
+    return lo if hi - lo <= 1e-12 * max(hi, 1.0) else None
+
+
+SpectralConsistency.single_level = _spectral_single_level
+
+
+def measurement_consistency(operator, y: torch.Tensor, noise_sigma: float):
+    """The SVD-based matching where the operator has a cheap SVD, the path-based one otherwise."""
+    svd = operator.svd()
+    if svd is not None:
+        return SpectralConsistency(svd, y, noise_sigma)
+    return PathConsistency(operator, y, noise_sigma)

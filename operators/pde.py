@@ -1,0 +1,226 @@
+"""PDE residual operators and exact sparse-direct solvers on the DESIGN.md grid.
+
+Grid: ``N x N`` nodes on ``[0, 1]^2`` including the boundary, ``h = 1 / (N - 1)``; the
+field ``x: [B, C, N, N]`` holds the coefficient/source ``a`` and the solution ``u`` in the
+channels named by ``channels=(a_index, u_index)``. Boundary condition: ``u = 0`` on
+boundary nodes.
+
+``residual(x) -> [B, N, N]``: at interior nodes the discrete PDE residual (below), at
+boundary nodes the boundary-condition residual ``u`` itself.
+
+- Darcy (``-div(a grad u) = f``, 5-point finite volumes, arithmetic face averages):
+  ``r_P = sum_Q (a_P + a_Q)/2 (u_P - u_Q) - f h^2``.
+- Poisson (``laplace(u) = a``): ``r_P = (sum_Q u_Q - 4 u_P) / h^2 - a_P``.
+- Helmholtz (``laplace(u) + k^2 u = a``): ``r_P = (sum_Q u_Q - 4 u_P) / h^2 + k^2 u_P - a_P``.
+
+``relative_residual(x) -> [B]``:
+``sqrt(||r_interior||^2 + ||scale * u_boundary||^2) / ||rhs_interior||`` where the
+right-hand side is ``f h^2`` (Darcy) or ``a`` (Poisson, Helmholtz) at interior nodes, and
+``scale`` puts a boundary value in the units of an interior residual: the diagonal of the
+stencil, ``4 mean(a)`` (Darcy) or ``4 / h^2`` (Poisson, Helmholtz).
+
+The solvers assemble exactly these stencils (float64, ``scipy.sparse.linalg.spsolve``), so
+the residual of their output is at round-off level.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+import torch.nn.functional as F
+
+from .base import Operator
+
+#: Neighbour offsets (di, dj) of the 5-point stencil.
+NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def grid_spacing(n: int) -> float:
+    """``h = 1 / (N - 1)`` for ``N`` nodes including the boundary."""
+    return 1.0 / (n - 1)
+
+
+def _interior(t, di: int = 0, dj: int = 0):
+    """Interior block of the last two dims shifted by ``(di, dj)`` (numpy or torch)."""
+    n, m = t.shape[-2], t.shape[-1]
+    return t[..., 1 + di: n - 1 + di, 1 + dj: m - 1 + dj]
+
+
+# ----------------------------------------------------------------------------- residual operators
+class PDEResidual(Operator):
+    """Common part of the PDE residual operators; ``forward`` is ``residual``."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, in_shape, channels=(0, 1)):
+        super().__init__(in_shape)
+        c, n, m = self.in_shape
+        if n != m or n < 3:
+            raise ValueError(f"PDE grid must be N x N with N >= 3, got {n} x {m}")
+        self.channels = tuple(int(i) for i in channels)
+        self.n = n
+        self.h = grid_spacing(n)
+
+    @property
+    def obs_shape(self):
+        return (self.n, self.n)
+
+    def split(self, x: torch.Tensor):
+        """``(a, u)``, each ``[B, N, N]``."""
+        return x[:, self.channels[0]], x[:, self.channels[1]]
+
+    def interior_residual(self, a, u) -> torch.Tensor:
+        """``[B, N-2, N-2]``: the discrete PDE residual at interior nodes."""
+        raise NotImplementedError
+
+    def rhs_norm(self, a) -> torch.Tensor:
+        """``[B]``: norm of the right-hand side at interior nodes."""
+        raise NotImplementedError
+
+    def boundary_scale(self, a) -> torch.Tensor:
+        """``[B]`` or scalar: factor taking a boundary value to interior-residual units."""
+        raise NotImplementedError
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, N]``: PDE residual at interior nodes, ``u`` at boundary nodes."""
+        a, u = self.split(x)
+        r = F.pad(self.interior_residual(a, u), (1, 1, 1, 1))
+        boundary = torch.ones_like(u)
+        boundary[..., 1:-1, 1:-1] = 0
+        return r + boundary * u
+
+    forward = residual
+
+    def relative_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B]``: ``sqrt(||r_int||^2 + ||scale u_bd||^2) / ||rhs_int||`` (module docstring)."""
+        a, u = self.split(x)
+        r_int = self.interior_residual(a, u).flatten(1)
+        scale = torch.as_tensor(self.boundary_scale(a), dtype=x.dtype, device=x.device)
+        u_bd = u.clone()
+        u_bd[..., 1:-1, 1:-1] = 0
+        tiny = torch.finfo(x.dtype).tiny
+        sq = r_int.square().sum(1) + scale**2 * u_bd.flatten(1).square().sum(1)
+        return sq.clamp_min(tiny).sqrt() / self.rhs_norm(a).clamp_min(tiny)  # clamp: finite grad at 0
+
+
+def _laplacian(u: torch.Tensor, h: float) -> torch.Tensor:
+    """5-point Laplacian at interior nodes: ``(sum_Q u_Q - 4 u_P) / h^2``."""
+    s = sum(_interior(u, di, dj) for di, dj in NEIGHBOURS)
+    return (s - 4 * _interior(u)) / h**2
+
+
+class DarcyResidual(PDEResidual):
+    """Darcy flow ``-div(a grad u) = f`` (DESIGN.md): finite-volume residual
+    ``sum_Q (a_P + a_Q)/2 (u_P - u_Q) - f h^2`` at interior nodes; ``u`` on the boundary."""
+
+    kind = "darcy"
+
+    def __init__(self, in_shape, f: float = 1.0, channels=(0, 1)):
+        super().__init__(in_shape, channels)
+        self.f = float(f)
+
+    def interior_residual(self, a, u):
+        a_p, u_p = _interior(a), _interior(u)
+        flux = sum((a_p + _interior(a, di, dj)) / 2 * (u_p - _interior(u, di, dj))
+                   for di, dj in NEIGHBOURS)
+        return flux - self.f * self.h**2
+
+    def rhs_norm(self, a):
+        return torch.full(a.shape[:1], abs(self.f) * self.h**2 * (self.n - 2),
+                          dtype=a.dtype, device=a.device)
+
+    def boundary_scale(self, a):
+        return 4 * a.flatten(1).mean(1)
+
+
+class PoissonResidual(PDEResidual):
+    """Poisson ``laplace(u) = a`` (DESIGN.md): ``(sum_Q u_Q - 4 u_P)/h^2 - a_P`` at interior
+    nodes; ``u`` on the boundary."""
+
+    kind = "poisson"
+
+    def interior_residual(self, a, u):
+        return _laplacian(u, self.h) - _interior(a)
+
+    def rhs_norm(self, a):
+        return _interior(a).flatten(1).norm(dim=1)
+
+    def boundary_scale(self, a):
+        return 4 / self.h**2
+
+
+class HelmholtzResidual(PoissonResidual):
+    """Helmholtz ``laplace(u) + k^2 u = a`` (DESIGN.md): ``(sum_Q u_Q - 4 u_P)/h^2 + k^2 u_P - a_P``
+    at interior nodes; ``u`` on the boundary."""
+
+    kind = "helmholtz"
+
+    def __init__(self, in_shape, k: float = 1.0, channels=(0, 1)):
+        super().__init__(in_shape, channels)
+        self.k = float(k)
+
+    def interior_residual(self, a, u):
+        return _laplacian(u, self.h) + self.k**2 * _interior(u) - _interior(a)
+
+
+PDE_RESIDUALS: dict[str, type[PDEResidual]] = {
+    cls.kind: cls for cls in (DarcyResidual, PoissonResidual, HelmholtzResidual)
+}
+
+
+# ----------------------------------------------------------------------------- solvers
+def _solve_five_point(diag: np.ndarray, weights: dict, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``diag_P u_P + sum_Q w_PQ u_Q = rhs_P`` on interior nodes with ``u = 0`` on the boundary.
+
+    ``diag``, ``rhs``: ``[N-2, N-2]``; ``weights[(di, dj)]``: ``[N-2, N-2]`` coefficient of the
+    neighbour at offset ``(di, dj)``. Returns ``u: [N, N]`` (boundary zeros).
+    """
+    n = diag.shape[0] + 2
+    index = -np.ones((n, n), dtype=np.int64)
+    index[1:-1, 1:-1] = np.arange((n - 2) ** 2).reshape(n - 2, n - 2)
+    rows, cols, vals = [index[1:-1, 1:-1].ravel()], [index[1:-1, 1:-1].ravel()], [diag.ravel()]
+    for (di, dj), w in weights.items():
+        q = _interior(index, di, dj).ravel()
+        inside = q >= 0  # boundary neighbours carry u = 0: drop them
+        rows.append(index[1:-1, 1:-1].ravel()[inside])
+        cols.append(q[inside])
+        vals.append(w.ravel()[inside])
+    size = (n - 2) ** 2
+    mat = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                        shape=(size, size))
+    u = np.zeros((n, n))
+    u[1:-1, 1:-1] = spla.spsolve(mat, rhs.ravel()).reshape(n - 2, n - 2)
+    return u
+
+
+def solve_darcy(a: np.ndarray, f: float = 1.0) -> np.ndarray:
+    """Ground truth for Darcy: ``sum_Q (a_P + a_Q)/2 (u_P - u_Q) = f h^2``, ``u = 0`` on the boundary."""
+    a = np.asarray(a, dtype=np.float64)
+    n = a.shape[0]
+    a_p = _interior(a)
+    faces = {(di, dj): (a_p + _interior(a, di, dj)) / 2 for di, dj in NEIGHBOURS}
+    diag = sum(faces.values())
+    weights = {s: -c for s, c in faces.items()}
+    return _solve_five_point(diag, weights, np.full_like(a_p, f * grid_spacing(n) ** 2))
+
+
+def _solve_helmholtz_like(a: np.ndarray, k2: float) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    h2 = grid_spacing(a.shape[0]) ** 2
+    a_p = _interior(a)
+    diag = np.full_like(a_p, -4 / h2 + k2)
+    weights = {s: np.full_like(a_p, 1 / h2) for s in NEIGHBOURS}
+    return _solve_five_point(diag, weights, a_p.copy())
+
+
+def solve_poisson(a: np.ndarray) -> np.ndarray:
+    """Ground truth for Poisson: ``(sum_Q u_Q - 4 u_P)/h^2 = a_P``, ``u = 0`` on the boundary."""
+    return _solve_helmholtz_like(a, 0.0)
+
+
+def solve_helmholtz(a: np.ndarray, k: float = 1.0) -> np.ndarray:
+    """Ground truth for Helmholtz: ``(sum_Q u_Q - 4 u_P)/h^2 + k^2 u_P = a_P``, ``u = 0`` on the boundary."""
+    return _solve_helmholtz_like(a, float(k) ** 2)
