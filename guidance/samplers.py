@@ -17,6 +17,8 @@ from typing import ClassVar
 
 import torch
 
+from operators.base import batch_dot
+
 from .core import (ancestral_step, col, denoise_with_grad, init_state, randn_like, report,
                    snr_step_size, to_d)
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
@@ -209,57 +211,81 @@ def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEC
 # --------------------------------------------------------------------------- fast
 @dataclass(frozen=True)
 class FastConfig:
-    """The project's fast sampler. ``lam`` scales the prior's weight in the data step;
-    ``eta`` the fresh noise of the ancestral step (1 = DDPM, 0 = DDIM);
-    ``zeta_obs`` / ``zeta_pde`` weigh gradient steps for nonlinear and PDE terms."""
+    """The project's fast sampler. ``lam`` scales the prior's weight in the proximal data step;
+    ``eta`` the fresh noise of the ancestral step (1 = DDPM, 0 = DDIM); ``zeta_obs`` (scalar or
+    per channel) and ``zeta_pde`` weigh the observation and PDE residuals in the Kalman step;
+    ``noise_floor`` stands in for ``sigma_y`` there when the observation is noiseless."""
 
     steps: int = 30
     lam: float = 1.0
     eta: float = 1.0
     zeta_obs: float | tuple[float, ...] = 1.0
     zeta_pde: float = 0.0
-    grad_steps: int = 1
+    noise_floor: float = 1e-2
     schedule: str = "karras"
     nfe_per_step: ClassVar[int] = 1
 
 
 def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator, callback=None,
                 noise_sigma: float = 0.0, pde=None):
-    """Proximal data step on ``x0_hat``, then an ancestral step (after DiffPIR, Zhu et al. 2023,
-    and DDNM, Wang et al. 2023; weights from PiGDM, Song et al. 2023): one network call per step.
+    """Kalman line-search guidance: one network call (and one backprop) per step.
 
-    Data step: ``x0' = argmin ||A u - y||^2 / sigma_y^2 + ||u - x0_hat||^2 / (lam r_i^2)`` with
-    ``r_i^2 = sigma_i^2 sd^2 / (sigma_i^2 + sd^2)`` the variance of ``x0`` given ``x_i`` for data of
-    variance ``sd^2`` (closed form or CG; an exact projection when noiseless). Nonlinear and
-    PDE terms take ``grad_steps`` gradient steps on ``x0'`` instead, no network backprop.
+    Our method, after PiGDM (Song, Vahdat, Mardani, Kautz, ICLR 2023) and DiffPIR / DDNM.
+    Stack the whitened residuals ``F(u) = [sqrt(zeta_obs) (y - A u) / sigma_eff; sqrt(zeta_pde) R(u)]``
+    and take ``d = -grad_u ||F||^2 / 2`` at ``u = x0_hat``. With ``C = sigma^2 J`` the covariance of
+    ``x0`` given ``x_i`` (Tweedie; ``J`` the denoiser's Jacobian) the Kalman update moves along
+    ``g = C d``; restricted to that line it is exact: the prior variance along ``g`` is
+    ``1 / <d, g>``, so ``x0' = x0 + kappa g`` with
+    ``kappa = -<F, F' g> / (||F' g||^2 + <d, g>)`` (``F' g`` a cheap JVP of the operator, no
+    network). Linear operators then take the proximal step
+    ``argmin ||A u - y||^2 / sigma_y^2 + ||u - x0'||^2 / (lam r_i^2)`` (a projection when noiseless),
+    ``r_i^2 = sigma_i^2 sd^2 / (sigma_i^2 + sd^2)``. Then an ancestral step towards ``x0'``.
     """
     x = _start(denoiser, y, sigmas, generator)
     n = len(sigmas) - 1
     sd2 = float(getattr(denoiser, "sigma_data", 0.5)) ** 2
     w = _weights(config.zeta_obs, operator.in_shape[0])
     masks = channel_masks(operator, y) if isinstance(w, tuple) else None
+    sigma_eff = max(float(noise_sigma), config.noise_floor)
+
+    def residuals(u):
+        r = (y - operator.forward(u)) / sigma_eff
+        if isinstance(w, tuple):
+            r = r * sum(float(wc) ** 0.5 * m for wc, m in zip(w, masks)) if masks is not None else r * w[0] ** 0.5
+        else:
+            r = r * w ** 0.5
+        parts = [r.flatten(1)]
+        if pde is not None and config.zeta_pde:
+            parts.append(config.zeta_pde ** 0.5 * pde.residual(u).flatten(1))
+        return torch.cat(parts, dim=1)
+
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        x0 = denoiser(x, s)
-        r2 = s ** 2 * sd2 / (s ** 2 + sd2)
-        if operator.linear and noise_sigma == 0:
-            x0d = operator.project(x0, y)
-        elif operator.linear:
-            x0d = operator.prox(x0, y, noise_sigma ** 2 / (config.lam * r2))
-        else:
-            x0d = _gradient_steps(x0, lambda u: data_loss(operator, y, u, w, masks), config, r2)
-        if pde is not None and config.zeta_pde:
-            x0d = _gradient_steps(x0d, lambda u: config.zeta_pde * pde_loss(pde, u), config, r2)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0 = denoiser(xg, s)
+            u = x0.detach()
+            f, d = _residual_and_descent(residuals, u)
+            g, = torch.autograd.grad((x0 * d).sum(), xg)
+        g = s ** 2 * g  # C d with C = sigma^2 J
+        affine = operator.linear and not (pde is not None and config.zeta_pde)
+        fg = residuals(u + g) - f if affine else torch.func.jvp(residuals, (u,), (g,))[1]
+        dg = batch_dot(d, g).clamp_min(0)
+        kappa = -batch_dot(f, fg) / (batch_dot(fg, fg) + dg).clamp_min(1e-30)
+        x0d = u + col(kappa, u) * g
+        if operator.linear:
+            r2 = s ** 2 * sd2 / (s ** 2 + sd2)
+            x0d = (operator.project(x0d, y) if noise_sigma == 0
+                   else operator.prox(x0d, y, noise_sigma ** 2 / (config.lam * r2)))
         x = ancestral_step(x, x0d, s, s_next, generator, config.eta)
         report(callback, i, n, s, x, x0d)
     return x
 
 
-def _gradient_steps(x0, loss_fn, config: FastConfig, r2: float):
-    """A few steps of ``x0 -= r2 * grad loss`` (step scaled by the current uncertainty)."""
-    for _ in range(config.grad_steps):
-        with torch.enable_grad():
-            u = x0.detach().requires_grad_(True)
-            g, = torch.autograd.grad(loss_fn(u).sum(), u)
-        x0 = x0 - r2 * g
-    return x0.detach()
+def _residual_and_descent(residuals, u):
+    """``F(u)`` and ``d = -grad ||F(u)||^2 / 2`` per sample (no network involved)."""
+    with torch.enable_grad():
+        v = u.detach().requires_grad_(True)
+        f = residuals(v)
+        d, = torch.autograd.grad(-0.5 * (f ** 2).sum(), v)
+    return f.detach(), d
