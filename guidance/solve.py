@@ -86,6 +86,8 @@ def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str
     """Reconstruct from ``y`` (one observation, physical units, no batch dimension)."""
     plan = plan_method(model.card, model.denoiser, method, params)
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64, device=device)
+    if operator.linear:
+        y = operator.observed(y[None])[0]
     op, y_net, pde_net = network_problem(model, operator, y[None], pde)
     den = CountingDenoiser(model.denoiser)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -101,6 +101,11 @@ class LinearOperator(Operator):
         """A cheap singular value decomposition, where one exists (None otherwise)."""
         return None
 
+    def observed(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` with the entries the operator never produces set to 0 (unobserved pixels of an
+        inpainting mask, unsampled k-space): they carry no information and must not count."""
+        return y
+
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``A^T A x``."""
         return self.adjoint(self.forward(x))

@@ -111,6 +111,9 @@ class Inpainting(LinearOperator):
         m, r = self._m(z), _rho(rho, z)
         return (m * y + r * z) / (m + r)
 
+    def observed(self, y):
+        return self._m(y) * y
+
     def svd(self):
         # A = I diag(mask) I
         return SVD(vt=_same, v=_same, ut=lambda y: self._m(y) * y, s=self.mask)
@@ -438,6 +441,9 @@ class MRI(LinearOperator):
 
     def _to_complex(self, x):
         return torch.complex(x[:, 0], x[:, 1]) if self.complex_image else x[:, 0]
+
+    def observed(self, y):
+        return self.mask.to(y) * y
 
     def forward(self, x):
         k = self.mask.to(x) * torch.fft.fft2(self._to_complex(x), norm="ortho")

@@ -71,6 +71,8 @@ def cmd_solve(args) -> int:
     spec = json.loads(op_path.read_text())
     spec = _load_array(spec, op_path.parent)
     y = read_array_file(Path(args.observation))
+    if y.ndim == 2:  # a grayscale image: one channel
+        y = y[None]
     params = _parse_params(args.param)
     if args.steps is not None:
         params["steps"] = args.steps

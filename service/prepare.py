@@ -1,0 +1,231 @@
+"""From a parsed request body to a validated ``Problem``: every check that answers 404/413/422.
+
+Order: unknown operator kind / method (404), the body's structure (422), unknown model (404),
+limits on steps and samples (422), arrays (413/422), the operator against the model's shape
+(422), the observation against the operator (422), the PDE block and method parameters (422).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import torch
+from pydantic import ValidationError
+
+from guidance.registry import METHODS
+from guidance.solve import plan_method
+from operators.spec import OPERATORS, OperatorSpecError, UnknownKindError, build_pde, validate_operator_spec
+
+from .codecs import CodecError, decode_array, is_encoded
+from .errors import ApiError
+from .jobs import Problem, digest
+
+#: Operator parameters that hold arrays.
+ARRAY_FIELDS = ("mask", "points", "kernel", "matrix")
+
+
+def _shape(s) -> str:
+    return "[" + ",".join(str(int(v)) for v in s) + "]"
+
+
+def _codec(e: CodecError) -> ApiError:
+    return ApiError(e.status, e.code, str(e))
+
+
+def _safe_name(part) -> str:
+    """A location part as it may be shown: short identifiers and indices only."""
+    s = str(part)
+    return s if re.fullmatch(r"[A-Za-z_][\w\[\]]{0,39}|\d{1,9}", s) else "<field>"
+
+
+def validation_message(err: ValidationError) -> str:
+    """The pydantic errors as one line each, never echoing the input."""
+    parts, seen_observation = [], False
+    for e in err.errors(include_url=False, include_input=False, include_context=False):
+        loc = [_safe_name(p) for p in e.get("loc", ())]
+        field = ".".join(loc) or "body"
+        if loc and loc[0] == "observation":
+            if seen_observation:
+                continue
+            seen_observation = True
+            what = "is required" if e.get("type") == "missing" and len(loc) == 1 else "expected an array"
+            parts.append(f'observation: {what}; send a nested list of numbers or '
+                         '{"npy": "<base64>"} ({"png"|"tiff": "<base64>"} for images, '
+                         '{"file": "<part>"} in multipart requests)')
+            continue
+        if loc and loc[0] == "return":
+            field = "return"
+        kind = e.get("type", "")
+        msg = e.get("msg", "invalid")
+        if kind == "missing":
+            msg = "is required; send it"
+        elif kind == "extra_forbidden":
+            msg = ("is not a field of the request; send only model, operator, observation, noise_sigma, "
+                   "pde, method, num_samples, seed, return")
+        if "send" not in msg:
+            msg += "; send a value as API.md describes"
+        parts.append(f"{field}: {msg}")
+        if len(parts) >= 6:
+            break
+    return "; ".join(parts) or "the request body is invalid; see API.md"
+
+
+def precheck_kinds(body: Any) -> None:
+    """404 for an unknown operator kind or method name (before the structural validation)."""
+    if not isinstance(body, dict):
+        return
+    op = body.get("operator")
+    if isinstance(op, dict) and isinstance(op.get("kind"), str) and op["kind"] not in OPERATORS:
+        raise ApiError(404, "unknown_operator",
+                       f"operator.kind is not a known operator kind; send one of {sorted(OPERATORS)} "
+                       "(GET /v1/operators)")
+    m = body.get("method")
+    if isinstance(m, dict) and isinstance(m.get("name"), str) and m["name"] not in METHODS:
+        raise ApiError(404, "unknown_method",
+                       f"method.name is not a known method; send one of {sorted(METHODS)} (GET /v1/methods)")
+
+
+def _decode_operator(spec: dict, settings, files) -> dict:
+    out = {}
+    for k, v in spec.items():
+        if k in ARRAY_FIELDS or is_encoded(v):
+            if v is None:
+                out[k] = v
+                continue
+            try:
+                out[k], _ = decode_array(v, f"operator.{k}", max_elements=settings.max_array_elements,
+                                         files=files)
+            except CodecError as e:
+                raise _codec(e) from None
+        else:
+            out[k] = v
+    return out
+
+
+def _nfe_estimate(name: str, cfg) -> int:
+    per_step = METHODS[name].nfe_per_step(cfg)
+    return int(cfg.steps) * int(per_step) + int(getattr(cfg, "final_corrector_steps", 0) or 0)
+
+
+def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
+            files: Mapping[str, bytes] | None = None) -> Problem:
+    """Validate a request body into a ``Problem`` or raise ``ApiError``."""
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_request", "the body must be a JSON object; send "
+                       '{"model": ..., "operator": {...}, "observation": ..., ...} as in API.md')
+    precheck_kinds(body)
+    try:
+        req = request_model.model_validate(body)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", validation_message(e)) from None
+
+    # ---- model and limits
+    model = models.get(req.model)
+    if model is None:
+        raise ApiError(404, "unknown_model", f"model is not a known model id; send one of {sorted(models)} "
+                       "(GET /v1/models)")
+    card = model.card
+    shape = tuple(int(s) for s in card["shape"])
+    steps = req.method.steps if req.method is not None else None
+    if steps is not None and steps > settings.max_steps:
+        raise ApiError(422, "invalid_request", f"method.steps: {steps} is over the limit of "
+                       f"{settings.max_steps}; send at most {settings.max_steps} steps")
+    if req.num_samples > settings.max_samples:
+        raise ApiError(422, "invalid_request", f"num_samples: {req.num_samples} is over the limit of "
+                       f"{settings.max_samples}; send at most {settings.max_samples}")
+    n_out = req.num_samples * math.prod(shape)
+    if n_out > settings.max_array_elements * 4:
+        raise ApiError(413, "too_large", f"num_samples x model size = {n_out} values is over the limit; "
+                       "send fewer samples")
+
+    # ---- observation and operator
+    try:
+        obs, from_image = decode_array(body["observation"], "observation",
+                                       max_elements=settings.max_array_elements, files=files)
+    except CodecError as e:
+        raise _codec(e) from None
+    spec = _decode_operator(body["operator"], settings, files)
+    try:
+        kind, kwargs = validate_operator_spec(spec, shape)
+        operator = OPERATORS[kind](shape, **kwargs)
+    except UnknownKindError as e:  # pragma: no cover - caught by precheck_kinds
+        raise ApiError(404, "unknown_operator", str(e)) from None
+    except OperatorSpecError as e:
+        raise ApiError(422, "invalid_operator", str(e)) from None
+    obs_shape = tuple(int(s) for s in operator.obs_shape)
+    if from_image and obs.ndim == 2 and len(obs_shape) == 3 and obs_shape[0] == 1 and obs.shape == obs_shape[1:]:
+        obs = obs[None]  # a grayscale image for a one-channel model
+    if tuple(obs.shape) != obs_shape:
+        raise ApiError(422, "shape_mismatch",
+                       f"observation has shape {_shape(obs.shape)}, but operator {kind} on model "
+                       f"{card['id']} (shape {_shape(shape)}) observes shape {_shape(obs_shape)}; "
+                       f"send an observation of shape {_shape(obs_shape)}")
+    y = torch.as_tensor(obs, dtype=torch.float64)
+    if kind in ("inpainting", "mri"):
+        # unobserved entries are ignored: zero them (A A^+ y), so residuals and DPS's
+        # normalization see only what was observed
+        mask = operator.mask if kind == "inpainting" else operator.mask.expand(obs_shape)
+        y = y * (mask != 0)
+
+    # ---- PDE
+    pde = pde_metric = None
+    pde_spec = dict(body["pde"]) if req.pde is not None else None
+    if pde_spec is not None:
+        try:
+            pde = build_pde(pde_spec, shape, card.get("pde"))
+        except OperatorSpecError as e:
+            raise ApiError(422, "invalid_pde", str(e)) from None
+        except (TypeError, ValueError) as e:
+            raise ApiError(422, "invalid_pde", f"pde: {e}; send {{\"kind\": ...}} as on the model card") from None
+        pde_metric = pde
+    elif card.get("pde"):
+        try:
+            pde_metric = build_pde(None, shape, card["pde"])
+        except (OperatorSpecError, TypeError, ValueError):
+            pde_metric = None
+
+    # ---- method
+    name = req.method.name if req.method is not None else None
+    params: dict = {}
+    if req.method is not None:
+        params = {k: v for k, v in (req.method.model_extra or {}).items()}
+        if req.method.steps is not None:
+            params["steps"] = req.method.steps
+    try:
+        plan = plan_method(card, model.denoiser, name, params)
+    except KeyError as e:
+        raise ApiError(404, "unknown_method", str(e).strip("'\"")) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        msg = str(e).splitlines()[0][:300] if str(e) else "invalid value"
+        raise ApiError(422, "invalid_method", f"method: {msg}; see GET /v1/methods for the parameters "
+                       "and their defaults") from None
+    cfg = plan.config
+    if int(cfg.steps) > settings.max_steps:
+        raise ApiError(422, "invalid_request", f"method.steps: {cfg.steps} is over the limit of "
+                       f"{settings.max_steps}; send at most {settings.max_steps} steps")
+    nfe = _nfe_estimate(plan.name, cfg)
+    if nfe > settings.max_nfe:
+        raise ApiError(422, "invalid_method", f"method: the parameters plan {nfe} network evaluations, "
+                       f"over the limit of {settings.max_nfe}; send fewer steps or corrector steps")
+    for f_name in ("zeta_obs",):
+        w = getattr(cfg, f_name, None)
+        if isinstance(w, tuple) and len(w) != shape[0]:
+            raise ApiError(422, "invalid_method", f"method.{f_name}: {len(w)} weights for a model with "
+                           f"{shape[0]} channels; send one number or {shape[0]} numbers")
+    if getattr(cfg, "grad_steps", 0) > 1000:
+        raise ApiError(422, "invalid_method", "method.grad_steps: over the limit of 1000; send fewer")
+    if plan.name == "ald" and not operator.linear:
+        raise ApiError(422, "invalid_method", "method: ald needs a linear operator; send dps, "
+                       "diffusion_pde or fast")
+
+    svd_available = False
+    try:
+        svd_available = operator.linear and operator.svd() is not None
+    except Exception:  # noqa: BLE001 - an operator without a usable svd just batches by identity
+        svd_available = True
+    return Problem(model=model, operator=operator, operator_digest=digest({"kind": kind, **kwargs}),
+                   y=y, noise_sigma=float(req.noise_sigma), pde=pde, pde_metric=pde_metric,
+                   pde_digest=digest(pde_spec), plan=plan, num_samples=int(req.num_samples),
+                   seed=int(req.seed), returns=tuple(dict.fromkeys(req.return_)),
+                   svd_available=bool(svd_available))

@@ -1,0 +1,112 @@
+"""``GET /v1/jobs/{id}/result.png``: observation, mean and std side by side.
+
+Image models: one row (gray or RGB) with the observation (or ``A^+ y`` when the observation is
+not an image), the mean in the card's value range and the std in a colormap. PDE models and
+other channel counts: one row per channel, each field in a colormap scaled to the mean's range.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# viridis at 6 anchors (enough for a readable ramp)
+_ANCHORS = np.array([[68, 1, 84], [65, 68, 135], [42, 120, 142], [34, 168, 132], [122, 209, 81],
+                     [253, 231, 37]], dtype=np.float64)
+GAP, HEADER, MIN_SIDE = 4, 14, 128
+
+
+def colormap(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``[H, W]`` -> ``[H, W, 3]`` uint8 viridis-like."""
+    t = np.clip((v - lo) / (hi - lo if hi > lo else 1.0), 0, 1) * (len(_ANCHORS) - 1)
+    i = np.minimum(t.astype(int), len(_ANCHORS) - 2)
+    f = (t - i)[..., None]
+    return (_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f).round().astype(np.uint8)
+
+
+def gray(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``[H, W]`` or ``[3, H, W]`` -> ``[H, W, 3]`` uint8."""
+    t = np.clip((v - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    t = (t * 255).round().astype(np.uint8)
+    return np.repeat(t[..., None], 3, -1) if t.ndim == 2 else np.moveaxis(t, 0, -1)
+
+
+def _blank(h: int, w: int) -> np.ndarray:
+    return np.full((h, w, 3), 40, dtype=np.uint8)
+
+
+def observation_view(problem) -> np.ndarray | None:
+    """The observation in image space: itself, or ``A^+ y`` for linear operators."""
+    op, y = problem.operator, problem.y
+    if op is None:
+        return None
+    in_shape = tuple(op.in_shape)
+    if tuple(y.shape) == in_shape:
+        return y.numpy()
+    if getattr(op, "linear", False):
+        try:
+            with torch.no_grad():
+                return op.pseudo_inverse(y[None].to(torch.float64))[0].numpy()
+        except Exception:  # noqa: BLE001 - a picture without the observation is still a picture
+            return None
+    return None
+
+
+def _grid(rows: list[list[np.ndarray]], labels: list[str]) -> Image.Image:
+    h, w = rows[0][0].shape[:2]
+    scale = max(1, int(np.ceil(MIN_SIDE / max(1, min(h, w)))))
+    ph, pw = h * scale, w * scale
+    ncol = max(len(r) for r in rows)
+    width = ncol * pw + (ncol + 1) * GAP
+    height = HEADER + len(rows) * ph + (len(rows) + 1) * GAP
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(labels[:ncol]):
+        draw.text((GAP + c * (pw + GAP) + 2, 1), label, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            im = Image.fromarray(panel).resize((pw, ph), Image.NEAREST)
+            canvas.paste(im, (GAP + c * (pw + GAP), HEADER + GAP + r * (ph + GAP)))
+    return canvas
+
+
+def render_png(job) -> bytes:
+    p, res = job.problem, job.result
+    card = p.model.card
+    mean, std = res.mean.astype(np.float64), res.std
+    obs = observation_view(p)
+    c, h, w = mean.shape
+    is_image = not card.get("pde") and card.get("kind") != "pde" and c in (1, 3)
+    labels = ["observation", "mean", "std"]
+    if is_image:
+        vr = card.get("value_range")
+        if isinstance(vr, (list, tuple)) and len(vr) == 2 and all(isinstance(v, (int, float)) for v in vr):
+            lo, hi = float(vr[0]), float(vr[1])
+        else:
+            lo, hi = float(mean.min()), float(mean.max())
+        img = (lambda a: gray(a[0] if c == 1 else a, lo, hi))
+        row = [img(obs) if obs is not None else _blank(h, w), img(mean)]
+        if std is not None:
+            s = std.mean(0) if c == 3 else std[0]
+            row.append(colormap(s, 0.0, float(s.max())))
+        else:
+            row.append(_blank(h, w))
+        return _png(_grid([row], labels))
+    rows = []
+    for k in range(c):
+        lo, hi = float(mean[k].min()), float(mean[k].max())
+        row = [colormap(obs[k], lo, hi) if obs is not None else _blank(h, w), colormap(mean[k], lo, hi)]
+        row.append(colormap(std[k], 0.0, float(std[k].max())) if std is not None else _blank(h, w))
+        rows.append(row)
+    names = card.get("channels") or []
+    if names:
+        labels = ["observation", "mean", "std (rows: " + ", ".join(map(str, names))[:40] + ")"]
+    return _png(_grid(rows, labels))
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,66 @@
+"""Service settings, read from the environment (prefix ``RECONSERVE_``) by pydantic-settings.
+
+``RECONSERVE_API_KEYS=key1,key2`` turns authentication on; ``RECONSERVE_DEVICE=cuda`` runs the
+worker on the GPU; ``RECONSERVE_MODELS_DIR`` adds a folder of checkpoints to the built-in ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECONSERVE_", extra="ignore", frozen=True)
+
+    #: Torch device of the worker ("cpu", "cuda", "cuda:1").
+    device: str = "cpu"
+    #: A folder of checkpoints (``<id>/card.json`` + weights) served beside ``checkpoints/``.
+    models_dir: Path | None = None
+    #: Where data sets live (used by the CLI's training and benchmark commands, not by the service).
+    data_dir: Path | None = None
+    #: Torch CPU threads for the process (None: torch's default, one per core). The worker runs
+    #: one batch at a time beside the event loop; on a shared CPU one intra-op thread is often
+    #: ten times faster than several spinning ones (measured on 2 busy cores), so 1 is the
+    #: default; raise it on a dedicated many-core CPU host.
+    torch_threads: int | None = Field(1, ge=1)
+    #: Accepted API keys (comma-separated in the environment); empty: authentication off.
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    #: Jobs waiting in the queue (not counting the running batch) before ``429``.
+    queue_size: int = Field(64, ge=1)
+    #: Largest request body (bytes) before ``413``.
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    #: Largest array (elements) in a request before ``413``.
+    max_array_elements: int = Field(2**24, ge=1)
+    #: Largest ``method.steps``.
+    max_steps: int = Field(5000, ge=1)
+    #: Largest number of network evaluations a request may plan for (steps x evaluations per
+    #: step, plus corrector steps).
+    max_nfe: int = Field(20000, ge=1)
+    #: Largest ``num_samples``.
+    max_samples: int = Field(64, ge=1)
+    #: A job fails with ``deadline_exceeded`` this long after it was submitted.
+    job_deadline_s: float = Field(3600.0, gt=0)
+    #: How long the worker waits for compatible jobs to join a batch.
+    batch_window_ms: float = Field(20.0, ge=0)
+    #: Most jobs in one batch (1 turns batching off).
+    max_batch: int = Field(16, ge=1)
+    #: Most rows (posterior samples over all jobs) in one batch.
+    max_batch_rows: int = Field(64, ge=1)
+    #: Finished jobs (and their results) are kept this long, and at most this many.
+    result_ttl_s: float = Field(3600.0, gt=0)
+    max_jobs_kept: int = Field(1000, ge=1)
+    max_result_bytes: int = Field(2 * 1024**3, ge=0)
+    #: ``Retry-After`` (seconds) sent with ``429``.
+    retry_after_s: int = Field(5, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            return tuple(k.strip() for k in v.split(",") if k.strip())
+        return tuple(str(k) for k in v if str(k))

@@ -1,0 +1,42 @@
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from svc_helpers import MODELS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def make_client():
+    """``make_client(models=..., **settings)``: a TestClient (lifespan running) on a fresh app;
+    ``client.manager`` is its job manager."""
+    opened = []
+
+    def make(models=MODELS, **kw):
+        kw.setdefault("batch_window_ms", 0)
+        app = create_app(Settings(**kw), models)
+        c = TestClient(app, raise_server_exceptions=False)
+        c.__enter__()
+        opened.append(c)
+        c.manager = app.state.reconserve.jobs
+        return c
+
+    yield make
+    for c in opened:
+        c.manager.resume()
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()

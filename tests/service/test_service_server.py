@@ -1,0 +1,84 @@
+"""A real uvicorn process (``service.server.serve``) and the Python client against it."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import Client, ServiceError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RECONSERVE_BATCH_WINDOW_MS="5",
+               RECONSERVE_TORCH_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", f"from service.server import serve; serve(port={port})"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    client = Client(url, timeout=60)
+    try:
+        end = time.monotonic() + 120
+        while not client.ready():
+            if proc.poll() is not None:
+                raise AssertionError("server exited:\n" + proc.stdout.read().decode()[-3000:])
+            if time.monotonic() > end:
+                raise AssertionError("server not ready within 120 s")
+            time.sleep(0.25)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_client_against_a_real_server(server):
+    c = server
+    assert "grf-32" in [m["id"] for m in c.models()]
+    assert c.model("grf-32")["shape"] == [1, 32, 32]
+    assert {"dps", "ald", "diffusion_pde", "fast"} <= {m["name"] for m in c.methods()}
+    assert len(c.operators()) == 7
+
+    rng = np.random.default_rng(1)
+    mask = rng.random((32, 32)) < 0.5  # numpy arrays anywhere in the operator travel as .npy
+    y = rng.standard_normal((1, 32, 32)) * mask
+    out = c.reconstruct("grf-32", {"kind": "inpainting", "mask": mask}, y,
+                        method={"name": "fast", "steps": 6}, num_samples=2, seed=1)
+    assert isinstance(out["mean"], np.ndarray) and out["mean"].shape == (1, 32, 32)
+    assert out["std"].shape == (1, 32, 32) and out["samples"] is None
+    assert out["nfe"] == 6 and out["model"] == "grf-32" and out["metrics"]["data_residual"] < 1e-6
+    np.testing.assert_allclose(out["mean"][0][mask], y[0][mask], atol=1e-6)
+
+    jid = c.submit("grf-32", {"kind": "inpainting", "mask": mask}, y, method={"name": "dps", "steps": 10}, seed=1,
+                   return_=("mean", "samples"))
+    seen = []
+    final = c.wait(jid, progress=seen.append, timeout=120)
+    assert final["status"] == "succeeded" and c.status(jid)["status"] == "succeeded"
+    assert all(e["id"] == jid for e in seen)
+    res = c.result(jid)
+    assert res["samples"].shape == (1, 1, 32, 32) and res["std"] is None
+    assert res["method"]["name"] == "dps"
+
+    with pytest.raises(ServiceError) as e:
+        c.reconstruct("no-such-model", {"kind": "identity"}, y)
+    assert e.value.status == 404 and e.value.code == "unknown_model"
+    with pytest.raises(ServiceError) as e:
+        c.result("not-a-job")
+    assert e.value.status == 404
+    jid = c.submit("grf-32", {"kind": "identity"}, y, method={"name": "fast", "steps": 5})
+    c.cancel(jid)  # queued, running or already done: always a 200
