@@ -212,6 +212,12 @@ class Rescaled(Operator):
         return x + self.pseudo_inverse(y - self.forward(x))
 
     def prox(self, z, y, rho):
+        # One scale s: argmin ||A s u - y||^2 + rho ||u - z||^2 = prox_A(s z, y, rho / s^2) / s.
+        sc = self.scale.flatten()
+        if bool((sc == sc[0]).all()):
+            s0 = float(sc[0])
+            rho_t = torch.as_tensor(rho, dtype=z.dtype, device=z.device)
+            return self.op.prox(s0 * z, y, rho_t / s0 ** 2) / s0
         return LinearOperator.prox(self, z, y, rho)  # type: ignore[arg-type]
 
     def residual(self, x):

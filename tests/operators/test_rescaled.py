@@ -104,3 +104,19 @@ def test_pde_residual_through_rescaled():
     assert not r.linear and r.kind == "darcy"
     assert torch.allclose(r.residual(r.to_network(x)), op.residual(x), rtol=1e-12, atol=1e-15)
     assert torch.allclose(r(r.to_network(x)), op(x), rtol=1e-12, atol=1e-15)
+
+
+def test_rescaled_prox_matches_dense_closed_form():
+    """prox of A S with one scale s, by the operator's own closed form, equals the dense formula."""
+    import numpy as np
+    from guidance.exact import dense_matrix
+    from operators.base import Rescaled
+    from operators.imaging import Blur
+    op = Rescaled(Blur((1, 8, 8), gaussian={"sigma": 1.0, "size": 3}), [0.2], [0.5])
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((1, 1, 8, 8), generator=g, dtype=torch.float64)
+    y = torch.randn((1, 1, 8, 8), generator=g, dtype=torch.float64)
+    a = dense_matrix(op)
+    rho = 0.3
+    want = np.linalg.solve(a.T @ a + rho * np.eye(64), a.T @ y.reshape(-1).numpy() + rho * z.reshape(-1).numpy())
+    np.testing.assert_allclose(op.prox(z, y, rho).reshape(-1).numpy(), want, rtol=1e-8, atol=1e-10)

@@ -1,0 +1,244 @@
+"""Shared pieces of the validation benchmarks: held-out data, batched solving, results files, cards.
+
+Held-out data. Training used ``seed = 0`` (``card["training"]["data_seed"]``); the benchmarks
+draw their cases with ``HELD_OUT_SEED`` and tune parameters on ``TUNE_SEED`` cases, so neither
+the reported numbers nor the tuning see a training example. ``models.data`` draws every
+example from ``numpy.random.default_rng(seed)``: different seeds are independent streams
+(NumPy's ``SeedSequence``), and ``check_held_out`` confirms that no held-out example equals
+a training example when the training set is at hand (``runs/<id>/data.npy``).
+
+Batched solving. ``solve`` takes one observation; ``run_batched`` copies its few lines
+(``network_problem``, ``CountingDenoiser``, ``METHODS[name].sampler``) with ``y`` stacked
+``[B, ...]`` and one random stream per case (``SplitGenerator``), so a case gets the same
+result whatever batch it runs in. ``nfe`` is counted by ``CountingDenoiser``: one per
+batched network call, i.e. the evaluations each case paid for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from guidance.core import DivergedError, SplitGenerator  # noqa: E402
+from guidance.registry import METHODS  # noqa: E402
+from guidance.solve import network_problem  # noqa: E402
+from models.checkpoint import CARD, WEIGHTS, load_checkpoint  # noqa: E402
+from models.denoiser import CountingDenoiser  # noqa: E402
+from models.schedules import get_sigmas  # noqa: E402
+
+CHECKPOINTS = ROOT / "checkpoints"
+RESULTS = ROOT / "bench" / "results"
+HELD_OUT_SEED = 1000003  # reported cases
+TUNE_SEED = 2000003  # parameter tuning cases (disjoint from the reported ones)
+OBS_SEED = 424242  # observation noise, random masks and observed nodes
+
+
+# ----------------------------------------------------------------------------- models and data
+def load_model(model_id: str, device: str = "cpu"):
+    """``checkpoints/<model_id>`` as a ``LoadedModel`` (the current export of a running training)."""
+    return load_checkpoint(CHECKPOINTS / model_id, device)
+
+
+def weights_digest(model_id: str) -> str:
+    """First 16 hex digits of the weights' sha256: ties a result to the exact export it used."""
+    h = hashlib.sha256((CHECKPOINTS / model_id / WEIGHTS).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_info(model) -> dict:
+    tr = model.card.get("training") or {}
+    return {"id": model.id, "training_steps": tr.get("steps"), "training_updated": tr.get("updated"),
+            "final_loss": tr.get("final_loss"), "weights_sha256_16": weights_digest(model.id)}
+
+
+def held_out_phantoms(num: int, seed: int = HELD_OUT_SEED, n: int = 64) -> np.ndarray:
+    """``[num, 1, n, n]`` float32 phantoms in [0, 1] from a seed other than the training one."""
+    from models.data import phantoms
+
+    return phantoms(num, n, seed)
+
+
+def held_out_darcy(num: int, seed: int = HELD_OUT_SEED, n: int = 64) -> np.ndarray:
+    """``[num, 2, n, n]`` float64 Darcy pairs (a, u), u the exact discrete solution."""
+    from models.data import darcy_pairs
+
+    return darcy_pairs(num, n, seed, dtype=np.float64)
+
+
+def check_held_out(x: np.ndarray, model_id: str) -> str:
+    """Confirm that no case equals a training example (first channel compared exactly).
+
+    Uses the training set the run wrote (``runs/<model_id>/data.npy``) if present; returns
+    a one-line verdict (raises if a case was found in the training set).
+    """
+    path = ROOT / "runs" / model_id / "data.npy"
+    if not path.exists():
+        return f"training set {path} not found; relying on distinct seeds"
+    train = np.load(path, mmap_mode="r")
+    keys = {np.ascontiguousarray(train[i, 0], dtype=np.float32).tobytes() for i in range(len(train))}
+    hits = [i for i in range(len(x)) if np.ascontiguousarray(x[i, 0], dtype=np.float32).tobytes() in keys]
+    if hits:
+        raise RuntimeError(f"held-out cases {hits} appear in the training set of {model_id}")
+    return f"no case among the {len(train)} training examples of {model_id}"
+
+
+# ----------------------------------------------------------------------------- methods
+def parse_method(spec: str) -> tuple[str, str, dict]:
+    """``"fast:steps=50:lam=0.5"`` -> ``(label, name, params)``; values are JSON (lists allowed)."""
+    name, *kv = spec.split(":")
+    params = {}
+    for item in kv:
+        k, _, v = item.partition("=")
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    return spec, name, params
+
+
+def method_label(name: str, params: dict) -> str:
+    return ":".join([name] + [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in params.items()])
+
+
+def run_batched(model, operator, y, *, method: str, params: dict | None = None, noise_sigma: float = 0.0,
+                pde=None, seeds=None, callback=None) -> dict:
+    """Solve a batch of observations ``y [B, *obs_shape]`` (physical units) sharing one operator.
+
+    Returns ``{"x": [B, C, H, W] float64 numpy (physical), "nfe", "seconds", "config", "diverged"}``;
+    a sampler that diverges gives NaNs and ``diverged = True`` instead of raising.
+    """
+    cfg = METHODS[method].make_config(params or {})
+    den = model.denoiser
+    sigmas = get_sigmas(cfg.schedule, cfg.steps, den.sigma_min, den.sigma_max)
+    y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
+    op, y_net, pde_net = network_problem(model, operator, y, pde)
+    b = y.shape[0]
+    seeds = list(range(b)) if seeds is None else [int(s) for s in seeds]
+    gen = SplitGenerator([(torch.Generator().manual_seed(s), 1) for s in seeds])
+    counter = CountingDenoiser(den)
+    t0 = time.perf_counter()
+    diverged = False
+    try:
+        x = METHODS[method].sampler(counter, op, y_net.clone(), sigmas, config=cfg, generator=gen,
+                                    callback=callback, noise_sigma=float(noise_sigma), pde=pde_net)
+        x = op.to_physical(x.detach()).numpy()
+    except DivergedError:
+        diverged = True
+        x = np.full((b,) + tuple(model.card["shape"]), np.nan)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    return {"x": x, "nfe": counter.nfe, "seconds": time.perf_counter() - t0, "config": config,
+            "diverged": diverged}
+
+
+def add_noise(y: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    return y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- results files
+def environment(threads: int) -> dict:
+    return {"torch": torch.__version__, "threads": threads, "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def merge_result(path: Path, header: dict, task: str, task_info: dict, label: str, entry: dict | None) -> None:
+    """Add one (task, method) entry to the results file, re-reading it first (runs may share it).
+
+    Entries of a file made with other cases or other weights are not mixed in: that file is moved
+    aside to ``<name>.previous.json`` and a new one started.
+    """
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    same = {k: data.get(k) for k in ("cases", "benchmark")} == {k: header.get(k) for k in ("cases", "benchmark")}
+    if data and (not same or (data.get("model") or {}).get("weights_sha256_16")
+                 != (header.get("model") or {}).get("weights_sha256_16")):
+        old = path.with_name(path.stem + ".previous.json")
+        print(f"{path}: other cases or weights than this run; moved to {old.name}, starting afresh",
+              file=sys.stderr)
+        path.replace(old)
+        data = {}
+    data.update(header)
+    t = data.setdefault("tasks", {}).setdefault(task, {})
+    t.update(task_info)
+    if entry is not None:
+        t.setdefault("methods", {})[label] = entry
+    atomic_write_json(path, data)
+
+
+def previous_tuning(path) -> dict:
+    """An existing ``--tune`` output to extend (a method tuned again replaces its entries), or a new one."""
+    path = Path(path) if path else None
+    data = json.loads(path.read_text()) if path and path.exists() else {}
+    data.setdefault("results", {})
+    data.setdefault("best", {})
+    return data
+
+
+def finite_mean(v) -> float | None:
+    v = np.asarray(v, dtype=np.float64)
+    return None if not np.isfinite(v).all() else float(v.mean())
+
+
+def fmt(v, spec: str = ".2f") -> str:
+    return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+# ----------------------------------------------------------------------------- model cards
+def update_card(model_id: str, methods=None, validation=None, root: Path | None = None) -> dict:
+    """Set the ``methods`` and/or ``validation`` keys of ``checkpoints/<id>/card.json``.
+
+    Only these two keys are written; every other key is kept as read. The card is re-read
+    right before writing and replaced atomically (a temporary file of our own name, then
+    ``os.replace``), so a concurrent training export either comes before (and is kept) or
+    after (and keeps these two keys, as the trainer does).
+    """
+    card_path = Path(root or CHECKPOINTS) / model_id / CARD
+    card = json.loads(card_path.read_text())
+    if methods is not None:
+        if not isinstance(methods, list) or not all(isinstance(m, dict) and m.get("name") in METHODS
+                                                    for m in methods):
+            raise ValueError(f"methods must be a list of {{'name': one of {sorted(METHODS)}, ...params}}")
+        for m in methods:  # parameters must be valid for the method
+            METHODS[m["name"]].make_config({k: v for k, v in m.items() if k != "name"})
+        card["methods"] = methods
+    if validation is not None:
+        card["validation"] = validation
+    tmp = card_path.with_name(f".{CARD}.{os.getpid()}.bench.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, card_path)
+    return card
+
+
+def set_threads(n: int) -> int:
+    if n and n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

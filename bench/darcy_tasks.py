@@ -1,0 +1,347 @@
+"""Validation of the darcy-64 prior on DiffusionPDE's two Darcy tasks (Huang et al., NeurIPS 2024).
+
+    .venv/bin/python bench/darcy_tasks.py                       # full: 20 cases, both tasks, all methods
+    .venv/bin/python bench/darcy_tasks.py --cases 2 --steps 10 --dps-steps 20
+    .venv/bin/python bench/darcy_tasks.py --tune                # zeta grid on 3 tuning cases
+
+Cases: held-out Darcy pairs (``bench.common.HELD_OUT_SEED``; training used seed 0), ``a`` in
+{3, 12}, ``u`` the exact discrete solution. 500 random nodes of the 64 x 64 grid (one seeded
+set for all cases, boundary nodes included) are observed without noise:
+
+* ``forward``: ``a`` at the 500 nodes -> recover ``u``; headline metric: relative L2 error of ``u``;
+* ``inverse``: ``u`` at the 500 nodes -> recover ``a``; headline metric: error rate of ``a``
+  thresholded at 7.5 (fraction of nodes where ``(a_rec >= 7.5) != (a_true >= 7.5)``).
+
+Every method is scored on all of: ``a_err`` (error rate), ``u_rel`` (relative L2 of ``u``),
+``pde_res`` (``DarcyResidual.relative_residual`` of the recovered (a, u); ``pde_res_thr`` the
+same with ``a`` thresholded at 7.5, which removes the residual that small wiggles of ``a``
+make), and ``u_solve_rel``: the relative L2 error of ``solve_darcy(threshold(a_rec))`` against
+the true ``u`` (for the inverse task: is the recovered ``a`` physically right, whatever the
+sampled ``u``).
+
+Methods (``--methods``, comma-separated ``name[+pde][:param=value...]``, values JSON):
+``diffusion_pde`` (EDM Heun, 2 evaluations a step: ``--steps 100`` -> 199 evaluations; per-channel
+``zeta_obs=[zeta_a,zeta_u]`` and ``zeta_pde``, the PDE term always attached), ``fast`` (1 a step;
+``fast+pde`` adds the PDE term with ``zeta_pde``), ``dps`` (``--dps-steps``, default 200 so as
+to keep within the 200-evaluation budget; ``dps+pde`` likewise), ``classical``: forward: ``a``
+interpolated linearly from the 500 nodes and thresholded at 7.5, ``u = solve_darcy(a)``;
+inverse: the constant ``a = 12`` (the majority class of a symmetric thresholded GRF; about 50 %
+error) and ``u`` interpolated linearly from the 500 nodes.
+
+Per-task parameters start from ``DEFAULTS`` (set by small grid searches on the weights of
+early training, see ``--tune``); a ``--tune`` output passed with ``--tuned`` overrides them;
+parameters in ``--methods`` override both. On the scale of the weights: the paper used
+``zeta_a = 5`` (forward), ``zeta_u = 5000`` (inverse) and ``zeta_pde = 100`` from 0.8 N on, in
+its units. Here (``diffusion_pde``, ``dps``) the data term is the L2 norm of the physical misfit
+over the observed nodes (per channel for ``diffusion_pde``), the PDE term the RMS over nodes of
+the finite-volume residual (which carries the ``h^2`` factor: values ~ ``f h^2 = 2.5e-4``),
+both differentiated w.r.t. the network-space state, so the scales differ. ``fast`` weighs
+squared residuals in its Kalman line search: ``zeta_obs`` the observation misfit whitened by
+``noise_floor`` (0.01 when noiseless), ``zeta_pde`` the raw residual ``R``; hence its much
+larger values.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import classical  # noqa: E402
+from bench.common import (HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED, atomic_write_json,  # noqa: E402
+                          check_held_out, environment, finite_mean, fmt, held_out_darcy, load_model,
+                          merge_result, model_info, parse_method, previous_tuning, run_batched, set_threads,
+                          update_card)
+from operators.pde import solve_darcy  # noqa: E402
+from operators.spec import build_operator, build_pde  # noqa: E402
+
+MODEL = "darcy-64"
+SHAPE = (2, 64, 64)
+N_OBS = 500
+THRESHOLD = 7.5
+A_LOW, A_HIGH = 3.0, 12.0
+TASKS = ("forward", "inverse")
+DEFAULT_METHODS = "diffusion_pde,fast,fast+pde,dps,classical"
+#: Starting parameters per task (before tuning); --steps / --dps-steps set the step counts.
+DEFAULTS = {
+    "forward": {"diffusion_pde": {"zeta_obs": [3.0, 0.0], "zeta_pde": 100.0},
+                "fast": {}, "fast+pde": {"zeta_pde": 1e6},
+                "dps": {"zeta": 0.3}, "dps+pde": {"zeta": 0.3, "zeta_pde": 100.0}},
+    "inverse": {"diffusion_pde": {"zeta_obs": [0.0, 10000.0], "zeta_pde": 100.0},
+                "fast": {"zeta_obs": 1e4}, "fast+pde": {"zeta_obs": 1e4, "zeta_pde": 1e6},
+                "dps": {"zeta": 300.0}, "dps+pde": {"zeta": 300.0, "zeta_pde": 100.0}},
+}
+#: --tune grids (per task; a list of values per parameter, zeta_obs as [zeta_a, zeta_u] lists).
+#: Parameters a grid leaves out come from DEFAULTS (e.g. fast+pde's zeta_obs).
+TUNE_GRID = {
+    "forward": {"diffusion_pde": {"zeta_obs": [[1.0, 0.0], [3.0, 0.0], [10.0, 0.0]],
+                                  "zeta_pde": [0.0, 100.0, 1000.0]},
+                "fast": {"zeta_obs": [1.0, 1e2, 1e4]},
+                "fast+pde": {"zeta_pde": [1e4, 1e6, 1e8]},
+                "dps": {"zeta": [0.1, 0.3, 1.0]}},
+    "inverse": {"diffusion_pde": {"zeta_obs": [[0.0, 3000.0], [0.0, 10000.0], [0.0, 30000.0]],
+                                  "zeta_pde": [0.0, 100.0, 1000.0]},
+                "fast": {"zeta_obs": [1.0, 1e2, 1e4]},
+                "fast+pde": {"zeta_pde": [1e4, 1e6, 1e8]},
+                "dps": {"zeta": [100.0, 300.0, 1000.0]}},
+}
+HEADLINE = {"forward": "u_rel", "inverse": "a_err"}
+
+
+# ----------------------------------------------------------------------------- problem
+def observed_nodes(n: int = 64, num: int = N_OBS, seed: int = OBS_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` distinct nodes of the ``n x n`` grid (boundary included), one seeded draw."""
+    flat = np.sort(np.random.default_rng(seed).choice(n * n, size=num, replace=False))
+    return flat // n, flat % n
+
+
+def task_problem(task: str, x_true: np.ndarray, noise: float = 0.0, seed: int = OBS_SEED):
+    """``(spec, operator, y [B, 500], rows, cols)`` for ``task`` (channel a or u observed)."""
+    ch = {"forward": 0, "inverse": 1}[task]
+    rows, cols = observed_nodes()
+    spec = {"kind": "sparse_points", "points": np.stack([np.full_like(rows, ch), rows, cols], 1)}
+    op = build_operator(spec, SHAPE)
+    y = op.forward(torch.as_tensor(x_true, dtype=torch.float64))
+    if noise:
+        g = torch.Generator().manual_seed(seed + 17 * (ch + 1))
+        y = y + noise * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    return spec, op, y, rows, cols
+
+
+def threshold(a: np.ndarray) -> np.ndarray:
+    return np.where(a >= THRESHOLD, A_HIGH, A_LOW)
+
+
+def metrics(x: np.ndarray, x_true: np.ndarray, pde) -> dict:
+    """Per-case metrics (lists) of recovered fields ``x [B, 2, n, n]`` (physical units)."""
+    out = {"a_err": [], "u_rel": [], "pde_res": [], "pde_res_thr": [], "u_solve_rel": []}
+    finite = np.isfinite(x).reshape(len(x), -1).all(1)
+    xc = np.nan_to_num(x)
+    res = pde.relative_residual(torch.as_tensor(xc, dtype=torch.float64)).numpy()
+    xc[:, 0] = threshold(xc[:, 0])
+    res_thr = pde.relative_residual(torch.as_tensor(xc, dtype=torch.float64)).numpy()
+    for i in range(len(x)):
+        if not finite[i]:
+            for v in out.values():
+                v.append(float("nan"))
+            continue
+        a, u = x[i, 0], x[i, 1]
+        at, ut = x_true[i, 0], x_true[i, 1]
+        out["a_err"].append(float(np.mean((a >= THRESHOLD) != (at >= THRESHOLD))))
+        out["u_rel"].append(float(np.linalg.norm(u - ut) / np.linalg.norm(ut)))
+        out["pde_res"].append(float(res[i]))
+        out["pde_res_thr"].append(float(res_thr[i]))
+        out["u_solve_rel"].append(float(np.linalg.norm(solve_darcy(threshold(a)) - ut) / np.linalg.norm(ut)))
+    return out
+
+
+def classical_baseline(task: str, y: torch.Tensor, rows, cols) -> tuple[np.ndarray, str]:
+    n = SHAPE[-1]
+    out = np.zeros((len(y),) + SHAPE)
+    for i in range(len(y)):
+        v = y[i].numpy()
+        if task == "forward":
+            a = threshold(classical.interpolate_points(v, rows, cols, n, "linear"))
+            out[i, 0], out[i, 1] = a, solve_darcy(a)
+        else:
+            out[i, 0] = A_HIGH
+            out[i, 1] = classical.interpolate_points(v, rows, cols, n, "linear")
+    name = ("a: linear interpolation of the 500 values, thresholded at 7.5; u = solve_darcy(a)"
+            if task == "forward" else
+            "a: constant 12 (majority class, ~50 % error); u: linear interpolation of the 500 values")
+    return out, name
+
+
+# ----------------------------------------------------------------------------- running
+def split_name(name: str) -> tuple[str, bool]:
+    """``"fast+pde"`` -> ``("fast", True)``; diffusion_pde always carries the PDE term."""
+    base, _, flag = name.partition("+")
+    if flag not in ("", "pde"):
+        raise ValueError(f"unknown method suffix in {name!r}; use name or name+pde")
+    return base, bool(flag) or base == "diffusion_pde"
+
+
+def method_params(name: str, params: dict, task: str, tuned: dict, steps: int, dps_steps: int) -> dict:
+    base, _ = split_name(name)
+    start = {"steps": dps_steps if base == "dps" else steps}
+    return {**start, **DEFAULTS[task].get(name, {}), **(tuned.get(task, {}).get(name) or {}), **params}
+
+
+def run_method(model, task, op, y, x_true, rows, cols, name, params, pde, noise=0.0, verbose=True) -> dict:
+    if name == "classical":
+        t0 = time.perf_counter()
+        x, info = classical_baseline(task, y, rows, cols)
+        e = {"method": "classical", "baseline": info, "nfe": 0, "seconds": time.perf_counter() - t0,
+             "diverged": False}
+    else:
+        base, with_pde = split_name(name)
+        cb = _progress(f"{task} {name}") if verbose else None
+        r = run_batched(model, op, y, method=base, params=params, noise_sigma=noise,
+                        pde=pde if with_pde else None, seeds=list(range(len(y))), callback=cb)
+        x = r["x"]
+        e = {"method": base, "pde_term": with_pde, "params": r["config"], "nfe": r["nfe"],
+             "seconds": r["seconds"], "diverged": r["diverged"]}
+    m = metrics(x, x_true, pde)
+    e.update(m)
+    e.update({f"{k}_mean": finite_mean(v) for k, v in m.items()})
+    return e
+
+
+def _progress(label: str, every: float = 0.1):
+    t0 = time.perf_counter()
+    last = [-1]
+
+    def cb(ev):
+        frac = (ev["i"] + 1) / ev["total"]
+        if int(frac / every) > last[0]:
+            last[0] = int(frac / every)
+            print(f"    {label}: step {ev['i'] + 1}/{ev['total']}  {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    return cb
+
+
+def row_text(task: str, label: str, e: dict) -> str:
+    return (f"{task:8s} {label:44s} {fmt(e['a_err_mean'], '.4f'):>7s} {fmt(e['u_rel_mean'], '.4f'):>7s} "
+            f"{fmt(e['u_solve_rel_mean'], '.4f'):>8s} {fmt(e['pde_res_mean'], '.3g'):>8s} "
+            f"{fmt(e['pde_res_thr_mean'], '.3g'):>8s} {e['nfe']:>5d} "
+            f"{e['seconds']:>8.1f}" + ("  DIVERGED" if e.get("diverged") else ""))
+
+
+TABLE_HEAD = (f"{'task':8s} {'method':44s} {'a_err':>7s} {'u_rel':>7s} {'u_solve':>8s} {'pde_res':>8s} {'res_thr':>8s} "
+              f"{'nfe':>5s} {'seconds':>8s}")
+
+
+def main_run(args, model) -> None:
+    tuned = json.loads(Path(args.tuned).read_text())["best"] if args.tuned else {}
+    x_true = held_out_darcy(args.cases)
+    print(f"held-out check: {check_held_out(x_true, MODEL)}", file=sys.stderr)
+    pde = build_pde({"kind": "darcy"}, SHAPE, model.card["pde"])
+    info = model_info(model)
+    header = {"benchmark": "bench/darcy_tasks.py", "model": info, "cases": args.cases,
+              "held_out_seed": HELD_OUT_SEED, "observed_nodes": N_OBS, "noise_sigma": args.noise,
+              "tuned_from": args.tuned, "environment": environment(torch.get_num_threads()),
+              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "metrics_note": ("a_err: error rate of a thresholded at 7.5; u_rel: relative L2 of u; "
+                               "pde_res: relative residual of (a, u) as sampled (pde_res_thr: a thresholded); "
+                               "u_solve_rel: relative L2 of solve_darcy(threshold(a)) vs true u; "
+                               "one posterior sample per case"),
+              "ground_truth_pde_res": float(pde.relative_residual(torch.as_tensor(x_true)).max())}
+    print(f"{MODEL}: training steps {info['training_steps']}, weights {info['weights_sha256_16']}, "
+          f"{args.cases} cases, {N_OBS} observed nodes", file=sys.stderr)
+    rows_out = []
+    for task in args.tasks.split(","):
+        spec, op, y, rows, cols = task_problem(task, x_true, args.noise)
+        task_info = {"observed": "a" if task == "forward" else "u", "headline": HEADLINE[task],
+                     "points_seed": OBS_SEED}
+        for spec_str in args.methods.split(","):
+            label, name, params = parse_method(spec_str)
+            params = method_params(name, params, task, tuned, args.steps, args.dps_steps) if name != "classical" else {}
+            e = run_method(model, task, op, y, x_true, rows, cols, name, params, pde, args.noise,
+                           verbose=not args.quiet)
+            e["model_training_steps"] = info["training_steps"]
+            rows_out.append((task, label, e))
+            print("  " + row_text(task, label, e), file=sys.stderr, flush=True)
+            if args.out:
+                merge_result(Path(args.out), header, task, task_info, label, e)
+    print("\n" + TABLE_HEAD)
+    for r in rows_out:
+        print(row_text(*r))
+    if args.update_card:
+        data = json.loads(Path(args.out).read_text())
+        update_card(MODEL, validation=card_validation(data))
+        print(f"wrote the validation summary into checkpoints/{MODEL}/card.json", file=sys.stderr)
+
+
+def card_validation(data: dict) -> dict:
+    keys = ("a_err_mean", "u_rel_mean", "u_solve_rel_mean", "pde_res_mean", "pde_res_thr_mean")
+    return {"benchmark": data["benchmark"], "updated": data["updated"], "cases": data["cases"],
+            "observed_nodes": data["observed_nodes"], "training_steps": data["model"]["training_steps"],
+            "weights_sha256_16": data["model"]["weights_sha256_16"],
+            "tasks": {t: {"headline": d.get("headline"),
+                          "methods": {lab: {**{k[:-5]: (round(e[k], 4) if e.get(k) is not None else None)
+                                               for k in keys}, "nfe": e["nfe"]}
+                                      for lab, e in d.get("methods", {}).items()}}
+                      for t, d in data["tasks"].items()}}
+
+
+def tune(args, model) -> None:
+    x_true = held_out_darcy(args.tune_cases, seed=TUNE_SEED)
+    pde = build_pde({"kind": "darcy"}, SHAPE, model.card["pde"])
+    grids = {t: dict(g) for t, g in TUNE_GRID.items()}
+    for t, g in (json.loads(args.grid) if args.grid else {}).items():
+        grids[t].update(g)
+    out = previous_tuning(args.tune_out)
+    out.update({"benchmark": "bench/darcy_tasks.py --tune", "model": model_info(model), "cases": args.tune_cases,
+                "seed": TUNE_SEED, "steps": args.steps, "dps_steps": args.dps_steps, "grid": grids})
+    for task in args.tasks.split(","):
+        spec, op, y, rows, cols = task_problem(task, x_true, args.noise)
+        key = HEADLINE[task]
+        res, best = out["results"].setdefault(task, {}), out["best"].setdefault(task, {})
+        print(f"\n{task} (objective {key})\n{TABLE_HEAD}")
+        base = run_method(model, task, op, y, x_true, rows, cols, "classical", {}, pde)
+        print(row_text(task, "classical", base))
+        for name in args.tune_methods.split(","):
+            grid = grids[task][name]
+            keys = list(grid)
+            scores, res[name] = [], []
+            for values in itertools.product(*(grid[k] for k in keys)):
+                params = dict(zip(keys, values))
+                full = method_params(name, params, task, {}, args.steps, args.dps_steps)
+                e = run_method(model, task, op, y, x_true, rows, cols, name, full, pde, args.noise, verbose=False)
+                sane = all(e[f"{k}_mean"] is not None for k in ("a_err", "u_rel", "pde_res")) and e["u_rel_mean"] < 1
+                scores.append((params, e[f"{key}_mean"] if sane else None))  # a blown-up u disqualifies
+                res[name].append({**params, **{k: e[k] for k in e if k.endswith("_mean")},
+                                                 "nfe": e["nfe"], "seconds": e["seconds"]})
+                print(row_text(task, f"{name}:{json.dumps(params, separators=(',', ':'))}", e), flush=True)
+            ok = [s for s in scores if s[1] is not None]
+            if ok:
+                best[name] = min(ok, key=lambda s: s[1])[0]
+                print(f"  best {name}: {best[name]}")
+            if args.tune_out:
+                atomic_write_json(Path(args.tune_out), out)
+    print(json.dumps(out["best"], indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--steps", type=int, default=100,
+                   help="steps of diffusion_pde (2 evaluations each, 199 in all for 100) and fast (1 each)")
+    p.add_argument("--dps-steps", type=int, default=200)
+    p.add_argument("--noise", type=float, default=0.0, help="observation noise (physical units; paper: 0)")
+    p.add_argument("--out", default=str(RESULTS / f"{MODEL}.json"), help="results JSON ('' for none)")
+    p.add_argument("--tuned", default=None, help="a --tune output whose best parameters to use per task")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the summary of --out into the card's 'validation' key")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tune", action="store_true", help="grid-search the guidance weights instead")
+    p.add_argument("--tune-cases", type=int, default=3)
+    p.add_argument("--tune-methods", default="diffusion_pde,fast,fast+pde,dps")
+    p.add_argument("--tune-out", default=str(RESULTS / f"{MODEL}-tune.json"))
+    p.add_argument("--grid", default=None,
+                   help='JSON replacing parts of TUNE_GRID, e.g. \'{"inverse": {"dps": {"zeta": [100, 1000]}}}\'')
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    set_threads(args.threads)
+    model = load_model(MODEL)
+    if args.tune:
+        tune(args, model)
+    else:
+        main_run(args, model)
+
+
+if __name__ == "__main__":
+    main()

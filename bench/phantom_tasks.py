@@ -1,0 +1,289 @@
+"""Validation of the phantom-64 prior on four imaging tasks against classical baselines.
+
+    .venv/bin/python bench/phantom_tasks.py                      # full: 10 cases, all tasks and methods
+    .venv/bin/python bench/phantom_tasks.py --cases 2 --dps-steps 50 --methods fast:steps=30,classical
+    .venv/bin/python bench/phantom_tasks.py --tune               # small grid on 3 tuning cases
+
+Cases: held-out phantoms (``bench.common.HELD_OUT_SEED``, never the training seed 0), noise
+``sigma = 0.02`` (physical units, images in [0, 1]). Tasks:
+
+* ``box_inpainting``: a centred 24 x 24 hole;
+* ``random_inpainting``: 70 % of the pixels missing (one seeded mask for all cases);
+* ``deblur``: Gaussian blur 9 x 9, sigma 1.5, circular boundary;
+* ``sr4``: 4x super-resolution (4 x 4 block means).
+
+Methods (``--methods``, comma-separated ``name[:param=value...]``): ``dps`` (``--dps-steps``,
+default 1000), ``ald`` (its defaults), ``fast`` (``fast:steps=30``, ``fast:steps=50``: at most
+50 network evaluations), ``classical`` (biharmonic inpainting, oracle-lambda Wiener
+deconvolution, bicubic upsampling; see ``bench/classical.py``). Each method runs all cases
+of a task as one batch, one posterior sample per case, one random stream per case.
+
+Reported: PSNR (data range 1) of the sample clipped to [0, 1], mean over cases and per case;
+network evaluations per case (counted, not computed); wall-clock seconds for the batch.
+Results go to ``--out`` (merged into an existing file entry by entry, written after each
+method so that a long run keeps what it finished).
+
+Tuning (``--tune``): on 3 cases from ``TUNE_SEED`` (not the reported ones), a small grid of
+``fast``'s (steps, lam, eta) and of ``dps``'s zeta per task; writes ``--tune-out``.
+Pass that file to a full run with ``--tuned`` to use the best parameters per task.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import classical  # noqa: E402
+from bench.common import (HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED, add_noise, check_held_out,  # noqa: E402
+                          environment, finite_mean, fmt, held_out_phantoms, load_model, merge_result,
+                          model_info, parse_method, previous_tuning, run_batched, set_threads, update_card)
+from operators.imaging import gaussian_kernel  # noqa: E402
+from operators.spec import build_operator  # noqa: E402
+
+MODEL = "phantom-64"
+SHAPE = (1, 64, 64)
+NOISE = 0.02
+TASKS = ("box_inpainting", "random_inpainting", "deblur", "sr4")
+DEFAULT_METHODS = "dps,ald,fast:steps=30,fast:steps=50,classical"
+TUNE_GRID = {"fast": {"steps": [30, 50], "lam": [0.3, 1.0, 3.0], "eta": [0.5, 1.0]},
+             "dps": {"zeta": [0.3, 1.0, 3.0]}}
+
+
+# ----------------------------------------------------------------------------- tasks
+def box_mask(n: int = 64, hole: int = 24) -> np.ndarray:
+    m = np.ones((n, n))
+    lo = (n - hole) // 2
+    m[lo:lo + hole, lo:lo + hole] = 0
+    return m
+
+
+def random_mask(n: int = 64, missing: float = 0.7, seed: int = OBS_SEED) -> np.ndarray:
+    """One seeded mask, 1 = observed: exactly round((1 - missing) n^2) observed pixels."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros(n * n)
+    m[rng.permutation(n * n)[: round((1 - missing) * n * n)]] = 1
+    return m.reshape(n, n)
+
+
+def task_spec(task: str) -> dict:
+    if task == "box_inpainting":
+        return {"kind": "inpainting", "mask": box_mask()}
+    if task == "random_inpainting":
+        return {"kind": "inpainting", "mask": random_mask()}
+    if task == "deblur":
+        return {"kind": "blur", "gaussian": {"sigma": 1.5, "size": 9}, "boundary": "circular"}
+    if task == "sr4":
+        return {"kind": "super_resolution", "factor": 4}
+    raise KeyError(f"unknown task {task!r}; known: {TASKS}")
+
+
+def describe_spec(spec: dict) -> dict:
+    out = {k: v for k, v in spec.items() if k != "mask"}
+    if "mask" in spec:
+        out["observed_fraction"] = float(np.mean(spec["mask"]))
+    return out
+
+
+def observe(task: str, x: np.ndarray, noise: float = NOISE, seed_base: int = OBS_SEED):
+    """``(operator, y [B, *obs])``: ``y = A x + noise`` (each case its own noise stream),
+    unobserved inpainting entries zeroed."""
+    spec = task_spec(task)
+    op = build_operator(spec, SHAPE)
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    t = TASKS.index(task)
+    y = torch.cat([add_noise(op.forward(xt[i:i + 1]), noise, seed_base + 1000 * t + i) for i in range(len(x))])
+    if spec["kind"] == "inpainting":
+        y = op.forward(y)
+    return spec, op, y
+
+
+def classical_baseline(task: str, spec: dict, y: torch.Tensor, x_true: np.ndarray) -> tuple[np.ndarray, dict]:
+    ys = y.numpy()
+    info: dict = {}
+    if spec["kind"] == "inpainting":
+        info["name"] = "biharmonic inpainting (skimage)"
+        out = [classical.biharmonic_inpaint(ys[i, 0], spec["mask"]) for i in range(len(ys))]
+    elif spec["kind"] == "blur":
+        g = spec["gaussian"]
+        k = gaussian_kernel(g["sigma"], g["size"])
+        res = [classical.wiener_deconvolve(ys[i, 0], k, x_true[i, 0]) for i in range(len(ys))]
+        out = [r[0] for r in res]
+        info.update(name="Wiener/Tikhonov, oracle lam per image (best PSNR vs truth on 1e-5..1)",
+                    lam=[r[1] for r in res])
+    else:
+        info["name"] = "bicubic upsampling of the block means"
+        out = [classical.bicubic_upsample(ys[i, 0], spec["factor"]) for i in range(len(ys))]
+    return np.stack(out)[:, None], info
+
+
+def psnrs(x: np.ndarray, x_true: np.ndarray) -> list[float]:
+    return [classical.psnr(np.clip(x[i], 0, 1), x_true[i]) for i in range(len(x))]
+
+
+# ----------------------------------------------------------------------------- running
+def progress(label: str, every: float = 0.1):
+    t0 = time.perf_counter()
+    last = [-1]
+
+    def cb(e):
+        frac = (e["i"] + 1) / e["total"]
+        if int(frac / every) > last[0]:
+            last[0] = int(frac / every)
+            print(f"    {label}: step {e['i'] + 1}/{e['total']}  {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    return cb
+
+
+def method_params(name: str, params: dict, task: str, tuned: dict, dps_steps: int) -> dict:
+    """Tuned parameters, then ``--dps-steps`` for dps, then the ``--methods`` spec's own."""
+    steps = {"steps": dps_steps} if name == "dps" else {}
+    return {**(tuned.get(task, {}).get(name) or {}), **steps, **params}
+
+
+def run_method(model, task: str, spec: dict, op, y, x_true, name: str, params: dict, seed0: int = 0,
+               verbose: bool = True) -> dict:
+    if name == "classical":
+        t0 = time.perf_counter()
+        x, info = classical_baseline(task, spec, y, x_true)
+        return {"method": "classical", "baseline": info, "nfe": 0, "seconds": time.perf_counter() - t0,
+                "psnr": psnrs(x, x_true), "diverged": False}
+    cb = progress(f"{task} {name}") if verbose else None
+    r = run_batched(model, op, y, method=name, params=params, noise_sigma=NOISE,
+                    seeds=[seed0 + i for i in range(len(y))], callback=cb)
+    return {"method": name, "params": r["config"], "nfe": r["nfe"], "seconds": r["seconds"],
+            "psnr": psnrs(r["x"], x_true), "diverged": r["diverged"]}
+
+
+def print_table(rows: list[tuple[str, str, dict]]) -> None:
+    print(f"\n{'task':18s} {'method':34s} {'PSNR dB':>8s} {'min':>6s} {'max':>6s} {'nfe':>6s} {'seconds':>8s}")
+    for task, label, e in rows:
+        p = np.asarray(e["psnr"], dtype=np.float64)
+        m = finite_mean(p)
+        print(f"{task:18s} {label:34s} {fmt(m):>8s} {fmt(float(np.min(p))):>6s} {fmt(float(np.max(p))):>6s} "
+              f"{e['nfe']:>6d} {e['seconds']:>8.1f}" + ("  DIVERGED" if e.get("diverged") else ""))
+
+
+def main_run(args, model) -> None:
+    tuned = json.loads(Path(args.tuned).read_text())["best"] if args.tuned else {}
+    x_true = held_out_phantoms(args.cases)
+    print(f"held-out check: {check_held_out(x_true, MODEL)}", file=sys.stderr)
+    info = model_info(model)
+    header = {"benchmark": "bench/phantom_tasks.py", "model": info, "cases": args.cases,
+              "held_out_seed": HELD_OUT_SEED, "noise_sigma": NOISE, "tuned_from": args.tuned,
+              "environment": environment(torch.get_num_threads()),
+              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "psnr_note": "one posterior sample per case, clipped to [0, 1], data range 1"}
+    print(f"{MODEL}: training steps {info['training_steps']}, weights {info['weights_sha256_16']}, "
+          f"{args.cases} cases, noise {NOISE}", file=sys.stderr)
+    rows = []
+    for task in args.tasks.split(","):
+        spec, op, y = observe(task, x_true)
+        task_info = {"operator": describe_spec(spec)}
+        for spec_str in args.methods.split(","):
+            label, name, params = parse_method(spec_str)
+            params = method_params(name, params, task, tuned, args.dps_steps)
+            e = run_method(model, task, spec, op, y, x_true, name, params, verbose=not args.quiet)
+            e["psnr_mean"] = finite_mean(e["psnr"])
+            e["model_training_steps"] = info["training_steps"]
+            rows.append((task, label, e))
+            print(f"  {task:18s} {label:34s} PSNR {fmt(e['psnr_mean'])}  nfe {e['nfe']}  {e['seconds']:.1f} s",
+                  file=sys.stderr, flush=True)
+            if args.out:
+                merge_result(Path(args.out), header, task, task_info, label, e)
+    print_table(rows)
+    if args.update_card:
+        data = json.loads(Path(args.out).read_text())
+        update_card(MODEL, validation=card_validation(data))
+        print(f"wrote the validation summary into checkpoints/{MODEL}/card.json", file=sys.stderr)
+
+
+def card_validation(data: dict) -> dict:
+    """A compact summary for the model card: PSNR mean and nfe per task and method."""
+    return {"benchmark": data["benchmark"], "updated": data["updated"], "cases": data["cases"],
+            "noise_sigma": data["noise_sigma"], "training_steps": data["model"]["training_steps"],
+            "weights_sha256_16": data["model"]["weights_sha256_16"], "metric": "PSNR dB (one sample)",
+            "tasks": {t: {lab: {"psnr": round(e["psnr_mean"], 2) if e["psnr_mean"] is not None else None,
+                                "nfe": e["nfe"]}
+                          for lab, e in d.get("methods", {}).items()}
+                      for t, d in data["tasks"].items()}}
+
+
+def tune(args, model) -> None:
+    x_true = held_out_phantoms(args.tune_cases, seed=TUNE_SEED)
+    grids = {**TUNE_GRID, **(json.loads(args.grid) if args.grid else {})}
+    out = previous_tuning(args.tune_out)
+    out.update({"benchmark": "bench/phantom_tasks.py --tune", "model": model_info(model), "cases": args.tune_cases,
+                "seed": TUNE_SEED, "noise_sigma": NOISE, "grid": grids})
+    methods = args.tune_methods.split(",")
+    for task in args.tasks.split(","):
+        spec, op, y = observe(task, x_true, seed_base=OBS_SEED + 7)
+        res = out["results"].setdefault(task, {})
+        best = out["best"].setdefault(task, {})
+        base = run_method(model, task, spec, op, y, x_true, "classical", {})
+        res["classical"] = float(np.mean(base["psnr"]))
+        print(f"\n{task}: classical {res['classical']:.2f} dB")
+        for name in methods:
+            grid = dict(grids[name])
+            if name == "dps":
+                grid = {"steps": [args.dps_steps], **grid}
+            keys = list(grid)
+            scores, res[name] = [], []
+            for values in itertools.product(*(grid[k] for k in keys)):
+                params = dict(zip(keys, values))
+                e = run_method(model, task, spec, op, y, x_true, name, params, verbose=False)
+                m = finite_mean(e["psnr"])
+                scores.append((params, m))
+                res[name].append({**params, "psnr": m, "nfe": e["nfe"], "seconds": e["seconds"]})
+                print(f"  {name:5s} {json.dumps(params):50s} PSNR {fmt(m)}  nfe {e['nfe']}  {e['seconds']:.1f} s",
+                      flush=True)
+            ok = [s for s in scores if s[1] is not None]
+            if ok:
+                best[name] = max(ok, key=lambda s: s[1])[0]
+                print(f"  best {name}: {best[name]}")
+        if args.tune_out:
+            from bench.common import atomic_write_json
+            atomic_write_json(Path(args.tune_out), out)
+    print(json.dumps(out["best"], indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--dps-steps", type=int, default=1000)
+    p.add_argument("--out", default=str(RESULTS / f"{MODEL}.json"), help="results JSON ('' for none)")
+    p.add_argument("--tuned", default=None, help="a --tune output whose best parameters to use per task")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the PSNR summary of --out into the card's 'validation' key")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tune", action="store_true", help="grid-search fast's and dps's parameters instead")
+    p.add_argument("--tune-cases", type=int, default=3)
+    p.add_argument("--tune-methods", default="fast,dps")
+    p.add_argument("--tune-out", default=str(RESULTS / f"{MODEL}-tune.json"))
+    p.add_argument("--grid", default=None,
+                   help='JSON replacing parts of TUNE_GRID, e.g. \'{"dps": {"zeta": [0.5, 1]}}\'')
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    set_threads(args.threads)
+    model = load_model(MODEL)
+    if args.tune:
+        tune(args, model)
+    else:
+        main_run(args, model)
+
+
+if __name__ == "__main__":
+    main()
