@@ -8,7 +8,9 @@ structure (linearity, ``A A^T`` constant, channel separability; for projection A
 works in the operator's SVD basis, operators with an SVD must be identical). The jobs' network-space observations are concatenated along the batch,
 a ``BatchedOperator`` applies each job's own operator to its slice of the batch, and the
 sampler runs once with a ``SplitGenerator`` (each job's own seeded stream): one network call
-per step serves every job, and each job gets exactly the samples it would get alone.
+per step serves every job, and each job draws exactly the noise it would draw alone (its samples
+agree with a lone run bit for bit for float64 models, and to float32 rounding of the network
+at a different batch size otherwise).
 
 If a batch of several jobs fails (divergence, an unexpected error), each job is rerun alone,
 so only the job that is at fault fails. Cancellation and deadlines are checked after every
