@@ -42,13 +42,6 @@ PHANTOM_MARGIN_DB = 1.0
 DARCY_MAX_A_ERR = 0.35
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: several times faster than two on a machine shared with training."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
