@@ -1,5 +1,4 @@
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
