@@ -35,14 +35,10 @@ class Plan:
         return {"name": self.name, **d}
 
 
-@dataclass
-class Solution:
-    samples: np.ndarray  # [K, C, H, W] physical units, float32
-    nfe: int
-    elapsed_s: float
-    seed: int
-    method: dict
-    metrics: dict = field(default_factory=dict)
+class PosteriorStats:
+    """Mean and per-pixel standard deviation of ``self.samples`` ``[K, C, H, W]``."""
+
+    samples: np.ndarray
 
     @property
     def mean(self) -> np.ndarray:
@@ -51,6 +47,16 @@ class Solution:
     @property
     def std(self) -> np.ndarray | None:
         return self.samples.std(0, ddof=1) if len(self.samples) > 1 else None
+
+
+@dataclass
+class Solution(PosteriorStats):
+    samples: np.ndarray  # [K, C, H, W] physical units, float32
+    nfe: int
+    elapsed_s: float
+    seed: int
+    method: dict
+    metrics: dict = field(default_factory=dict)
 
 
 def plan_method(card: dict, denoiser, name: str | None = None, params: dict | None = None) -> Plan:

@@ -36,7 +36,7 @@ import torch
 
 from guidance.core import DivergedError, SplitGenerator
 from guidance.registry import METHODS
-from guidance.solve import Plan, network_problem, relative_data_residual
+from guidance.solve import Plan, PosteriorStats, network_problem, relative_data_residual
 from models.denoiser import CountingDenoiser
 from operators.base import Operator
 
@@ -234,7 +234,7 @@ def problem_metrics(p: Problem, x_phys: torch.Tensor) -> dict:
 
 # ----------------------------------------------------------------------------- jobs
 @dataclass
-class JobResult:
+class JobResult(PosteriorStats):
     samples: np.ndarray  # [K, C, H, W] float32, physical units
     metrics: dict
     nfe: int
@@ -242,14 +242,6 @@ class JobResult:
     batched_with: int
     method: dict
     _encoded: dict = field(default_factory=dict)
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.samples.mean(0)
-
-    @property
-    def std(self) -> np.ndarray | None:
-        return self.samples.std(0, ddof=1) if len(self.samples) > 1 else None
 
 
 class Job:
