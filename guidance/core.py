@@ -56,10 +56,6 @@ def to_d(x: torch.Tensor, sigma, x0: torch.Tensor) -> torch.Tensor:
     return (x - x0) / sigma
 
 
-def euler_step(x, x0, sigma, sigma_next):
-    return x + (sigma_next - sigma) * to_d(x, sigma, x0)
-
-
 def ancestral_sigmas(sigma, sigma_next, eta: float = 1.0):
     """Split ``sigma -> sigma_next`` into a deterministic part to ``sigma_down`` and fresh noise ``sigma_up``.
 

@@ -89,8 +89,6 @@ def null_space(operator, v: torch.Tensor) -> torch.Tensor:
     return v - operator.pseudo_inverse(operator.forward(v))
 
 
-__all__ = ["channel_masks", "data_loss", "pde_loss", "matched_noise_level", "measurement_path",
-           "soft_project", "null_space", "randn_like"]
 
 
 class SpectralConsistency:
@@ -127,6 +125,14 @@ class SpectralConsistency:
         target = self.m + b
         return x + self.svd.v(torch.where(act, lam * (target - c), torch.zeros_like(c)))
 
+    def single_level(self) -> float | None:
+        """The matched level when every observed mode shares one (None otherwise)."""
+        nu = self.nu[self.observed]
+        if nu.numel() == 0 or not bool(torch.isfinite(nu).all()):
+            return None
+        lo, hi = float(nu.min()), float(nu.max())
+        return lo if hi - lo <= 1e-12 * max(hi, 1.0) else None
+
     def free_part(self, vec, sigma: float) -> torch.Tensor:
         """The part of ``vec`` in modes the measurement does not pin at this level."""
         c = self.svd.vt(vec)
@@ -158,21 +164,13 @@ class PathConsistency:
         return self.nu
 
 
-def _spectral_single_level(self) -> float | None:
-    """The matched level when every observed mode shares one (None otherwise)."""
-    nu = self.nu[self.observed]
-    if nu.numel() == 0 or not bool(torch.isfinite(nu).all()):
-        return None
-    lo, hi = float(nu.min()), float(nu.max())
-    return lo if hi - lo <= 1e-12 * max(hi, 1.0) else None
-
-
-SpectralConsistency.single_level = _spectral_single_level
-
-
 def measurement_consistency(operator, y: torch.Tensor, noise_sigma: float):
     """The SVD-based matching where the operator has a cheap SVD, the path-based one otherwise."""
     svd = operator.svd()
     if svd is not None:
         return SpectralConsistency(svd, y, noise_sigma)
     return PathConsistency(operator, y, noise_sigma)
+
+
+__all__ = ["channel_masks", "data_loss", "pde_loss", "matched_noise_level", "measurement_path",
+           "soft_project", "null_space", "SpectralConsistency", "PathConsistency", "measurement_consistency"]
