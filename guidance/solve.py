@@ -17,6 +17,7 @@ import torch
 from models.denoiser import CountingDenoiser
 from models.schedules import get_sigmas
 from operators.base import Rescaled
+from operators.spec import build_pde
 
 from .core import SplitGenerator
 from .registry import METHODS
@@ -80,6 +81,36 @@ def network_problem(model, operator, y: torch.Tensor, pde=None):
     return op, y_net, pde_net
 
 
+COMPLETION_MODES = ("auto", "solve", "off")
+
+
+def observes_channel(operator, channel: int) -> bool:
+    """Whether the observation depends on input ``channel`` (nonlinear operators: assumed so)."""
+    if not operator.linear:
+        return True
+    e = torch.zeros((1,) + tuple(operator.in_shape), dtype=torch.float64)
+    e[:, channel] = torch.randn(e.shape[2:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return bool(operator.forward(e).abs().amax() > 0)
+
+
+def complete_with_physics(x_phys: torch.Tensor, operator, pde, mode: str = "auto", levels=None):
+    """Physics completion of PDE samples: ``u`` replaced by the exact solution for each sample's
+    ``a`` (snapped to ``levels``, the card's ``pde.a_levels``, when given).
+
+    ``u`` is a function of ``a``, so this turns a posterior sample of ``a`` into the matching
+    posterior sample of ``(a, u)``, with zero PDE residual and no network call. ``auto`` does it
+    when the observation says nothing of ``u`` (the forward problem); ``solve`` always (it gives
+    up agreement with observed ``u``); ``off`` never. Returns ``(x, done)``.
+    """
+    if mode not in COMPLETION_MODES:
+        raise ValueError(f"completion: {mode!r} is not one of {list(COMPLETION_MODES)}")
+    if pde is None or mode == "off":
+        return x_phys, False
+    if mode == "auto" and observes_channel(operator, pde.channels[1]):
+        return x_phys, False
+    return pde.complete(x_phys, levels), True
+
+
 def relative_data_residual(operator, y: torch.Tensor, x: torch.Tensor) -> float:
     """``||y - A(x)|| / ||y||`` in physical units."""
     r = (y - operator.forward(x)).norm()
@@ -88,8 +119,11 @@ def relative_data_residual(operator, y: torch.Tensor, x: torch.Tensor) -> float:
 
 def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str | None = None,
           params: dict | None = None, num_samples: int = 1, seed: int = 0, callback=None,
-          device: str | torch.device = "cpu") -> Solution:
-    """Reconstruct from ``y`` (one observation, physical units, no batch dimension)."""
+          device: str | torch.device = "cpu", completion: str = "auto") -> Solution:
+    """Reconstruct from ``y`` (one observation, physical units, no batch dimension).
+
+    ``completion`` (PDE models): see ``complete_with_physics``; it uses the requested PDE, or
+    the model card's when ``pde`` is None."""
     plan = plan_method(model.card, model.denoiser, method, params)
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64, device=device)
     if operator.linear:
@@ -104,7 +138,12 @@ def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str
                                    noise_sigma=float(noise_sigma), pde=pde_net)
     elapsed = time.perf_counter() - t0
     x_phys = op.to_physical(x.detach())
+    card_pde = model.card.get("pde") or {}
+    pde_metric = pde if pde is not None else (build_pde(None, tuple(model.card["shape"]), card_pde)
+                                              if card_pde else None)
+    x_phys, completed = complete_with_physics(x_phys, operator, pde_metric, completion, card_pde.get("a_levels"))
     metrics = {"data_residual": relative_data_residual(operator, y, x_phys.mean(0, keepdim=True)),
-               "pde_residual": (float(pde.relative_residual(x_phys.mean(0, keepdim=True))[0])
-                                if pde is not None else None)}
+               "pde_residual": (float(pde_metric.relative_residual(x_phys.mean(0, keepdim=True))[0])
+                                if pde_metric is not None else None),
+               "completed": completed}
     return Solution(x_phys.float().cpu().numpy(), den.nfe, elapsed, int(seed), plan.describe(), metrics)

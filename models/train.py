@@ -212,7 +212,8 @@ def build_card(cfg: dict, kind: str, shape, shift, scale, meta: dict | None, tra
     if kind == "darcy":
         channels = ["a", "u"]
         pde = {"kind": "darcy", "f": 1.0, "grid": grid, "bc": bc,
-               "equation": "-div(a grad u) = f, 5-point finite-volume stencil, arithmetic face averages"}
+               "equation": "-div(a grad u) = f, 5-point finite-volume stencil, arithmetic face averages",
+               "a_levels": [D.DARCY_LOW, D.DARCY_HIGH]}
         value_range = {"a": [D.DARCY_LOW, D.DARCY_HIGH]}
         desc = (f"Darcy flow prior on a {n}x{n} node grid: permeability a in {{3, 12}} (thresholded GRF, "
                 "alpha=2, tau=3) and pressure u solving -div(a grad u) = 1 with u = 0 on the boundary.")

@@ -84,6 +84,24 @@ class PDEResidual(Operator):
         """``[B]`` or scalar: factor taking a boundary value to interior-residual units."""
         raise NotImplementedError
 
+    def solution_of(self, a: np.ndarray) -> np.ndarray:
+        """The discrete solution ``u`` for coefficient ``a`` ``[N, N]`` (sparse direct solve)."""
+        raise NotImplementedError
+
+    def complete(self, x: torch.Tensor, levels=None) -> torch.Tensor:
+        """``x`` with ``u`` replaced by the exact solution for its ``a`` (``a`` first snapped
+        to the nearest of ``levels`` when given, e.g. Darcy's {3, 12}): a pair with zero residual."""
+        ia, iu = self.channels
+        out = x.detach().clone()
+        a = out[:, ia].cpu().double().numpy()
+        if levels:
+            lv = np.asarray(sorted(float(v) for v in levels))
+            a = lv[np.abs(a[..., None] - lv).argmin(-1)]
+        out[:, ia] = torch.as_tensor(a, dtype=out.dtype, device=out.device)
+        u = np.stack([self.solution_of(ai) for ai in a])
+        out[:, iu] = torch.as_tensor(u, dtype=out.dtype, device=out.device)
+        return out
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, N]``: PDE residual at interior nodes, ``u`` at boundary nodes."""
         a, u = self.split(x)
@@ -135,6 +153,9 @@ class DarcyResidual(PDEResidual):
     def boundary_scale(self, a):
         return 4 * a.flatten(1).mean(1)
 
+    def solution_of(self, a):
+        return solve_darcy(a, self.f)
+
 
 class PoissonResidual(PDEResidual):
     """Poisson ``laplace(u) = a`` (DESIGN.md): ``(sum_Q u_Q - 4 u_P)/h^2 - a_P`` at interior
@@ -151,6 +172,9 @@ class PoissonResidual(PDEResidual):
     def boundary_scale(self, a):
         return 4 / self.h**2
 
+    def solution_of(self, a):
+        return solve_poisson(a)
+
 
 class HelmholtzResidual(PoissonResidual):
     """Helmholtz ``laplace(u) + k^2 u = a`` (DESIGN.md): ``(sum_Q u_Q - 4 u_P)/h^2 + k^2 u_P - a_P``
@@ -164,6 +188,9 @@ class HelmholtzResidual(PoissonResidual):
 
     def interior_residual(self, a, u):
         return _laplacian(u, self.h) + self.k**2 * _interior(u) - _interior(a)
+
+    def solution_of(self, a):
+        return solve_helmholtz(a, self.k)
 
 
 PDE_RESIDUALS: dict[str, type[PDEResidual]] = {

@@ -83,7 +83,7 @@ def cmd_solve(args) -> int:
         res = client.reconstruct(args.model, spec, y, noise_sigma=args.noise_sigma,
                                  method=({"name": args.method, **params} if args.method else (params or None)),
                                  num_samples=args.samples, seed=args.seed, pde=pde_spec,
-                                 return_=("mean", "std", "samples"))
+                                 return_=("mean", "std", "samples"), completion=args.completion)
         out = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
         meta = {k: v for k, v in res.items() if not isinstance(v, np.ndarray)}
     else:
@@ -108,7 +108,8 @@ def cmd_solve(args) -> int:
             bar.total = e["total"]
             bar.update(1)
         sol = solve(model, operator, y, noise_sigma=args.noise_sigma, pde=pde, method=args.method,
-                    params=params, num_samples=args.samples, seed=args.seed, callback=progress)
+                    params=params, num_samples=args.samples, seed=args.seed, callback=progress,
+                    completion=args.completion)
         bar.close()
         out = {"mean": sol.mean, "samples": sol.samples}
         if sol.std is not None:
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--noise-sigma", type=float, default=0.0)
     s.add_argument("--pde", default=None, help="add the model's PDE residual term, e.g. darcy")
+    s.add_argument("--completion", default="auto", choices=["auto", "solve", "off"],
+                   help="PDE models: re-solve u from each sample's a (auto: when u is unobserved)")
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="a method parameter (repeatable)")
     s.add_argument("--out", required=True, help="result .npz (mean, std, samples, meta)")
     s.add_argument("--models", help="an extra folder of checkpoints")

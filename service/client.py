@@ -59,10 +59,10 @@ class Client:
 
     @staticmethod
     def _body(model, operator, observation, noise_sigma=0.0, method=None, num_samples=1, seed=0,
-              pde=None, return_: Iterable[str] = ("mean", "std")) -> dict:
+              pde=None, return_: Iterable[str] = ("mean", "std"), completion: str = "auto") -> dict:
         if isinstance(method, str):
             method = {"name": method}
-        return {"model": model,
+        return {"model": model, "completion": completion,
                 "operator": walk_arrays(dict(operator), to_npy_field),
                 "observation": to_npy_field(np.asarray(observation)),
                 "noise_sigma": float(noise_sigma), "pde": pde, "method": method,
@@ -97,16 +97,19 @@ class Client:
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, model: str, operator: dict, observation, noise_sigma: float = 0.0,
                     method: str | dict | None = None, num_samples: int = 1, seed: int = 0,
-                    pde: dict | None = None, return_: Iterable[str] = ("mean", "std")) -> dict:
+                    pde: dict | None = None, return_: Iterable[str] = ("mean", "std"),
+                    completion: str = "auto") -> dict:
         """``POST /v1/reconstruct``: waits; returns the Result with numpy arrays (None where absent)."""
-        body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_)
+        body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_,
+                          completion)
         return self._decode(self._request("POST", "/v1/reconstruct", json=body).json())
 
     def submit(self, model: str, operator: dict, observation, noise_sigma: float = 0.0,
                method: str | dict | None = None, num_samples: int = 1, seed: int = 0,
-               pde: dict | None = None, return_: Iterable[str] = ("mean", "std")) -> str:
+               pde: dict | None = None, return_: Iterable[str] = ("mean", "std"), completion: str = "auto") -> str:
         """``POST /v1/jobs``: the job id."""
-        body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_)
+        body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_,
+                          completion)
         return self._request("POST", "/v1/jobs", json=body).json()["id"]
 
     def status(self, job_id: str) -> dict:

@@ -36,7 +36,7 @@ import torch
 
 from guidance.core import DivergedError, SplitGenerator
 from guidance.registry import METHODS
-from guidance.solve import Plan, PosteriorStats, network_problem, relative_data_residual
+from guidance.solve import Plan, PosteriorStats, complete_with_physics, network_problem, relative_data_residual
 from models.denoiser import CountingDenoiser
 from operators.base import Operator
 
@@ -97,6 +97,7 @@ class Problem:
     seed: int
     returns: tuple[str, ...]
     svd_available: bool = False
+    completion: str = "auto"
 
     @property
     def model_id(self) -> str:
@@ -222,14 +223,18 @@ def run_batch(problems: list[Problem], device: str | torch.device = "cpu",
     return list(torch.split(x_phys, counts)), den.nfe, elapsed
 
 
-def problem_metrics(p: Problem, x_phys: torch.Tensor) -> dict:
-    """``data_residual`` and ``pde_residual`` of the mean, as ``guidance.solve`` reports them."""
+def finish_problem(p: Problem, x_phys: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Physics completion (``guidance.solve.complete_with_physics``), then ``data_residual`` and
+    ``pde_residual`` of the mean, as ``guidance.solve.solve`` does."""
+    levels = (p.model.card.get("pde") or {}).get("a_levels")
+    x_phys, completed = complete_with_physics(x_phys, p.operator, p.pde_metric, p.completion, levels)
     mean = x_phys.mean(0, keepdim=True)
     y = p.y.to(x_phys)
     out = {"data_residual": relative_data_residual(p.operator, y, mean), "pde_residual": None}
     if p.pde_metric is not None:
         out["pde_residual"] = float(p.pde_metric.relative_residual(mean)[0])
-    return {k: (v if v is None or math.isfinite(v) else None) for k, v in out.items()}
+    out = {k: (v if v is None or math.isfinite(v) else None) for k, v in out.items()}
+    return x_phys, {**out, "completed": completed}
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -573,7 +578,7 @@ class JobManager:
             if job.id not in active or job.terminal:
                 continue
             try:
-                metrics = problem_metrics(job.problem, x)
+                x, metrics = finish_problem(job.problem, x)
                 samples = x.float().cpu().numpy()
                 if not np.isfinite(samples).all():
                     raise DivergedError("the reconstruction has non-finite values; lower the guidance "

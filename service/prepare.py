@@ -62,7 +62,7 @@ def validation_message(err: ValidationError) -> str:
             msg = "is required; send it"
         elif kind == "extra_forbidden":
             msg = ("is not a field of the request; send only model, operator, observation, noise_sigma, "
-                   "pde, method, num_samples, seed, return")
+                   "pde, method, num_samples, seed, return, completion")
         if "send" not in msg:
             msg += "; send a value as API.md describes"
         parts.append(f"{field}: {msg}")
@@ -227,5 +227,5 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
     return Problem(model=model, operator=operator, operator_digest=digest({"kind": kind, **kwargs}),
                    y=y, noise_sigma=float(req.noise_sigma), pde=pde, pde_metric=pde_metric,
                    pde_digest=digest(pde_spec), plan=plan, num_samples=int(req.num_samples),
-                   seed=int(req.seed), returns=tuple(dict.fromkeys(req.return_)),
+                   seed=int(req.seed), returns=tuple(dict.fromkeys(req.return_)), completion=req.completion,
                    svd_available=bool(svd_available))

@@ -130,6 +130,7 @@ class JobStatus(BaseModel):
 class ResultMetrics(BaseModel):
     data_residual: float = Field(description="||y - A(mean)|| / ||y|| in physical units")
     pde_residual: float | None = Field(None, description="relative PDE residual of the mean (PDE models)")
+    completed: bool = Field(False, description="u was re-solved from each sample's a (physics completion)")
 
 
 class Result(BaseModel):
@@ -182,13 +183,15 @@ def make_request_model(operator_kinds: Sequence[str], method_names: Sequence[str
         num_samples: int = Field(1, ge=1)
         seed: int = Field(0, ge=0, le=MAX_SEED)
         return_: list[ReturnName] = Field(default_factory=lambda: ["mean", "std"], alias="return")
+        completion: Literal["auto", "solve", "off"] = Field(
+            "auto", description="PDE models: re-solve u from each sample's a; auto = when u is unobserved")
 
         @model_validator(mode="before")
         @classmethod
         def _null_means_default(cls, data):
             if isinstance(data, dict):
                 return {k: v for k, v in data.items()
-                        if not (v is None and k in ("noise_sigma", "num_samples", "seed", "return"))}
+                        if not (v is None and k in ("noise_sigma", "num_samples", "seed", "return", "completion"))}
             return data
 
     return ReconstructionRequest

@@ -128,3 +128,18 @@ def test_float32_and_boundary_term(cls):
     u_bad = u.copy()
     u_bad[0, :] = 0.01 * np.abs(u).max()  # violate the boundary condition only
     assert op.relative_residual(as_x(a, u_bad)).item() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["darcy", "poisson", "helmholtz"])
+def test_complete_gives_the_solver_pair(kind):
+    """``complete`` keeps ``a`` (snapped to levels when given) and puts its exact solution in ``u``."""
+    n = 32
+    a, u = ground_truth(kind, n, seed=5)
+    pde = PDE_RESIDUALS[kind]((2, n, n), channels=(1, 0))  # channels in reverse order
+    noisy_a = a + (0.4 if kind == "darcy" else 0.0) * np.random.default_rng(1).standard_normal(a.shape)
+    x = torch.as_tensor(np.stack([np.zeros_like(u), noisy_a]))[None].repeat(2, 1, 1, 1)
+    out = pde.complete(x, levels=[3.0, 12.0] if kind == "darcy" else None)
+    assert torch.equal(x[:, 0], torch.zeros_like(x[:, 0]))  # input untouched
+    np.testing.assert_allclose(out[0, 1].numpy(), a if kind == "darcy" else noisy_a)  # snapped back to truth
+    np.testing.assert_allclose(out[1, 0].numpy(), u, rtol=1e-10, atol=1e-14)
+    assert float(pde.relative_residual(out).max()) < 1e-9

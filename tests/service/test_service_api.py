@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tifffile
 from fastapi.testclient import TestClient
+import torch
 from PIL import Image
 
 from guidance.solve import solve
+from operators import DarcyResidual
 from service.app import create_app
 from service.settings import Settings
 from svc_helpers import MASK, MODELS, OBS, body, decode, npy_b64, wait_status
@@ -410,3 +412,24 @@ def test_no_input_gives_a_5xx(client):
         r = client.post("/v1/reconstruct", json=req)
         assert r.status_code < 500, (req, r.text)
         assert set(r.json()) == {"error"} or r.status_code == 200
+
+
+def test_pde_completion(client):
+    """The forward problem (only a observed) gets u re-solved from each sample's a; u observed keeps it."""
+    pts = [[0, i, j] for i, j in [(2, 3), (7, 7), (12, 5), (4, 13)]]
+    fwd = {"model": "toy-darcy-16", "operator": {"kind": "sparse_points", "points": pts},
+           "observation": [3.0, 12.0, 12.0, 3.0], "num_samples": 1}
+    res = client.post("/v1/reconstruct", json=fwd).json()
+    assert res["metrics"]["completed"] is True and res["metrics"]["pde_residual"] < 1e-6
+    two = client.post("/v1/reconstruct", json=fwd | {"num_samples": 2, "return": ["samples"]}).json()
+    xs = torch.as_tensor(decode(two["samples"]), dtype=torch.float64)
+    assert float(DarcyResidual((2, 16, 16)).relative_residual(xs).max()) < 1e-4  # every sample a pair (float32)
+    off = client.post("/v1/reconstruct", json=fwd | {"completion": "off"}).json()
+    assert off["metrics"]["completed"] is False and off["metrics"]["pde_residual"] > 1e-3
+    inv = fwd | {"operator": {"kind": "sparse_points", "points": [[1, i, j] for _, i, j in pts]},
+                 "observation": [0.01, 0.02, 0.01, 0.0]}
+    assert client.post("/v1/reconstruct", json=inv).json()["metrics"]["completed"] is False
+    assert client.post("/v1/reconstruct", json=inv | {"completion": "solve"}).json()["metrics"]["completed"]
+    assert_error(client.post("/v1/reconstruct", json=fwd | {"completion": "always"}), 422)
+    img = client.post("/v1/reconstruct", json=body(completion="solve")).json()
+    assert img["metrics"]["completed"] is False  # no PDE: nothing to complete
