@@ -69,6 +69,8 @@ def validate_config(cfg) -> None:
     for name in ("zeta", "zeta_pde", "lam", "snr", "eps", "eta", "late_obs_scale"):
         if hasattr(cfg, name) and getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0")
+    if hasattr(cfg, "cg_iters") and not 1 <= cfg.cg_iters <= 50:
+        raise ValueError("cg_iters must be between 1 and 50")
     if hasattr(cfg, "corrector_steps") and cfg.corrector_steps < 0:
         raise ValueError("corrector_steps must be >= 0")
     if hasattr(cfg, "step_rule") and cfg.step_rule not in ("snr", "eps"):

@@ -214,7 +214,9 @@ class FastConfig:
     """The project's fast sampler. ``lam`` scales the prior's weight in the proximal data step;
     ``eta`` the fresh noise of the ancestral step (1 = DDPM, 0 = DDIM); ``zeta_obs`` (scalar or
     per channel) and ``zeta_pde`` weigh the observation and PDE residuals in the Kalman step;
-    ``noise_floor`` stands in for ``sigma_y`` there when the observation is noiseless."""
+    ``noise_floor`` stands in for ``sigma_y`` there when the observation is noiseless;
+    ``cg_iters`` conjugate-gradient iterations solve that step (1 = a line search; each one
+    more costs one more backprop through the network, no more network evaluations)."""
 
     steps: int = 30
     lam: float = 1.0
@@ -222,13 +224,14 @@ class FastConfig:
     zeta_obs: float | tuple[float, ...] = 1.0
     zeta_pde: float = 0.0
     noise_floor: float = 1e-2
+    cg_iters: int = 1
     schedule: str = "karras"
     nfe_per_step: ClassVar[int] = 1
 
 
 def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator, callback=None,
                 noise_sigma: float = 0.0, pde=None):
-    """Kalman line-search guidance: one network call (and one backprop) per step.
+    """Kalman guidance: one network call (and ``cg_iters`` backprops) per step.
 
     Our method, after PiGDM (Song, Vahdat, Mardani, Kautz, ICLR 2023) and DiffPIR / DDNM.
     Stack the whitened residuals ``F(u) = [sqrt(zeta_obs) (y - A u) / sigma_eff; sqrt(zeta_pde) R(u)]``
@@ -237,7 +240,8 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
     ``g = C d``; restricted to that line it is exact: the prior variance along ``g`` is
     ``1 / <d, g>``, so ``x0' = x0 + kappa g`` with
     ``kappa = -<F, F' g> / (||F' g||^2 + <d, g>)`` (``F' g`` a cheap JVP of the operator, no
-    network). Linear operators then take the proximal step
+    network). That line search is the first iteration of conjugate gradients on the whole
+    Gaussian update; ``cg_iters > 1`` runs more (``kalman_cg``). Linear operators then take the proximal step
     ``argmin ||A u - y||^2 / sigma_y^2 + ||u - x0'||^2 / (lam r_i^2)`` (a projection when noiseless),
     ``r_i^2 = sigma_i^2 sd^2 / (sigma_i^2 + sd^2)``. Then an ancestral step towards ``x0'``.
     """
@@ -259,20 +263,19 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
             parts.append(config.zeta_pde ** 0.5 * pde.residual(u).flatten(1))
         return torch.cat(parts, dim=1)
 
+    affine = operator.linear and not (pde is not None and config.zeta_pde)
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             x0 = denoiser(xg, s)
             u = x0.detach()
-            f, d = _residual_and_descent(residuals, u)
-            g, = torch.autograd.grad((x0 * d).sum(), xg)
-        g = s ** 2 * g  # C d with C = sigma^2 J
-        affine = operator.linear and not (pde is not None and config.zeta_pde)
-        fg = residuals(u + g) - f if affine else torch.func.jvp(residuals, (u,), (g,))[1]
-        dg = batch_dot(d, g).clamp_min(0)
-        kappa = -batch_dot(f, fg) / (batch_dot(fg, fg) + dg).clamp_min(1e-30)
-        x0d = u + col(kappa, u) * g
+
+            def cov(v):  # C v = sigma^2 J^T v (one backprop through the network)
+                gv, = torch.autograd.grad((x0 * v).sum(), xg, retain_graph=True)
+                return s ** 2 * gv
+
+            x0d = u + kalman_cg(residuals, u, cov, config.cg_iters, affine)
         if operator.linear:
             r2 = s ** 2 * sd2 / (s ** 2 + sd2)
             x0d = (operator.project(x0d, y) if noise_sigma == 0
@@ -282,10 +285,45 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
     return x
 
 
-def _residual_and_descent(residuals, u):
-    """``F(u)`` and ``d = -grad ||F(u)||^2 / 2`` per sample (no network involved)."""
+def kalman_cg(residuals, u, cov, iters: int, affine: bool) -> torch.Tensor:
+    """The Gaussian (Kalman) update ``delta = argmin delta^T C^-1 delta / 2 + ||F(u) + F' delta||^2 / 2``
+    by conjugate gradients preconditioned with ``C`` (``cov``), ``iters`` iterations.
+
+    Every search direction is ``p = C q`` with ``q`` known, so ``H p = (C^-1 + F'^T F') p
+    = q + F'^T F' p`` needs no ``C^-1``. One iteration is the exact line search along
+    ``g = C d`` (``d = -F'^T F``); each further one costs one more ``cov`` (a backprop) and
+    converges to the full update in the Krylov space of ``C F'^T F'``. A sample whose
+    curvature stops being positive (a Jacobian that is not PSD) keeps what it has.
+    """
+    f, vjp = _residual_and_vjp(residuals, u)
+
+    def fprime(v):  # F' v
+        return residuals(u + v) - f if affine else torch.func.jvp(residuals, (u,), (v,))[1]
+
+    delta = torch.zeros_like(u)
+    r = -vjp(f)  # -grad of the objective at delta = 0 (d)
+    q = r
+    p = cov(q)
+    rz = batch_dot(r, p)
+    for k in range(max(int(iters), 1)):
+        fp = fprime(p)
+        hp = q + vjp(fp)
+        php = batch_dot(p, hp)
+        ok = (php > 0) & (rz > 0)
+        alpha = torch.where(ok, rz / php.clamp_min(1e-30), torch.zeros_like(rz))
+        delta = delta + col(alpha, u) * p
+        if k + 1 == iters:
+            break
+        r = r - col(alpha, u) * hp
+        z = cov(r)
+        rz_new = batch_dot(r, z)
+        beta = torch.where(ok & (rz > 0), rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        q, p, rz = r + col(beta, u) * q, z + col(beta, u) * p, torch.where(ok, rz_new, torch.zeros_like(rz))
+    return delta
+
+
+def _residual_and_vjp(residuals, u):
+    """``F(u)`` and ``w -> F'(u)^T w`` (no network involved)."""
     with torch.enable_grad():
-        v = u.detach().requires_grad_(True)
-        f = residuals(v)
-        d, = torch.autograd.grad(-0.5 * (f ** 2).sum(), v)
-    return f.detach(), d
+        f, fn = torch.func.vjp(residuals, u.detach())
+    return f.detach(), lambda w: fn(w)[0]
