@@ -16,6 +16,7 @@ batched network call, i.e. the evaluations each case paid for.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -177,6 +178,13 @@ def merge_result(path: Path, header: dict, task: str, task_info: dict, label: st
     aside to ``<name>.previous.json`` and a new one started.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel runs (e.g. dps and the rest) share the file
+        _merge_locked(path, header, task, task_info, label, entry)
+
+
+def _merge_locked(path: Path, header: dict, task: str, task_info: dict, label: str, entry: dict | None) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     same = {k: data.get(k) for k in ("cases", "benchmark")} == {k: header.get(k) for k in ("cases", "benchmark")}
     if data and (not same or (data.get("model") or {}).get("weights_sha256_16")
