@@ -32,7 +32,7 @@ class Method:
                              f"its parameters are {sorted(fields)}")
         for k, v in list(params.items()):
             default = fields[k].default
-            if isinstance(default, tuple) or (k in ("zeta_obs",) and isinstance(v, list)):
+            if isinstance(default, tuple) or (k in ("zeta_obs", "zeta") and isinstance(v, (list, tuple))):
                 params[k] = tuple(float(e) for e in v) if isinstance(v, (list, tuple)) else float(v)
             elif isinstance(default, bool):
                 params[k] = bool(v)
@@ -67,7 +67,8 @@ def validate_config(cfg) -> None:
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}")
     for name in ("zeta", "zeta_pde", "lam", "snr", "eps", "eta", "late_obs_scale"):
-        if hasattr(cfg, name) and getattr(cfg, name) < 0:
+        v = getattr(cfg, name, 0.0)
+        if any(e < 0 for e in (v if isinstance(v, tuple) else (v,))):
             raise ValueError(f"{name} must be >= 0")
     if hasattr(cfg, "cg_iters") and not 1 <= cfg.cg_iters <= 50:
         raise ValueError("cg_iters must be between 1 and 50")

@@ -40,10 +40,11 @@ def _weights(zeta, channels: int):
 # --------------------------------------------------------------------------- DPS
 @dataclass(frozen=True)
 class DPSConfig:
-    """DPS parameters (Chung et al. 2023). ``zeta`` is the paper's zeta'; ``zeta_pde`` weighs the PDE term."""
+    """DPS parameters (Chung et al. 2023). ``zeta`` is the paper's zeta' (a scalar, or one per
+    channel, each weighing the norm of that channel's misfit); ``zeta_pde`` weighs the PDE term."""
 
     steps: int = 1000
-    zeta: float = 1.0
+    zeta: float | tuple[float, ...] = 1.0
     zeta_pde: float = 0.0
     eta: float = 1.0
     schedule: str = "vp_linear"
@@ -61,9 +62,11 @@ def sample_dps(denoiser, operator, y, sigmas, *, config: DPSConfig, generator, c
     """
     x = _start(denoiser, y, sigmas, generator)
     n = len(sigmas) - 1
+    w = _weights(config.zeta, operator.in_shape[0])
+    masks = channel_masks(operator, y) if isinstance(w, tuple) else None
 
     def loss(x0):
-        out = config.zeta * data_loss(operator, y, x0)
+        out = data_loss(operator, y, x0, w, masks)
         if pde is not None and config.zeta_pde:
             out = out + config.zeta_pde * pde_loss(pde, x0)
         return out

@@ -208,7 +208,7 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
     if nfe > settings.max_nfe:
         raise ApiError(422, "invalid_method", f"method: the parameters plan {nfe} network evaluations, "
                        f"over the limit of {settings.max_nfe}; send fewer steps or corrector steps")
-    for f_name in ("zeta_obs",):
+    for f_name in ("zeta_obs", "zeta"):
         w = getattr(cfg, f_name, None)
         if isinstance(w, tuple) and len(w) != shape[0]:
             raise ApiError(422, "invalid_method", f"method.{f_name}: {len(w)} weights for a model with "

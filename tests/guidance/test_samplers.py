@@ -104,3 +104,31 @@ def test_bad_method_parameters(setup):
         METHODS["dps"].make_config({"nonsense": 1})
     with pytest.raises(ValueError):
         METHODS["ald"].make_config({"step_rule": "bogus"})
+
+
+def test_dps_per_channel_zeta_weighs_only_observed_channels():
+    """A per-channel zeta (as diffusion_pde's zeta_obs): the weight of an unobserved channel is
+    irrelevant, so [z, anything] on a channel-0 observation equals the scalar z."""
+    from models.denoiser import Denoiser
+    from operators.spec import build_operator
+
+    class White(Denoiser):  # exact denoiser of a standard normal prior
+        sigma_min, sigma_max, sigma_data, shape = 0.002, 80.0, 1.0, (2, 8, 8)
+
+        def forward(self, x, sigma):
+            return x / (1 + torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) ** 2)
+
+    den = White()
+    op = build_operator({"kind": "sparse_points", "points": [[0, 1, 2], [0, 5, 6], [0, 3, 3]]}, (2, 8, 8))
+    y = torch.tensor([[0.5, -0.3, 0.2]], dtype=torch.float64)
+    sig = get_sigmas("vp_linear", 20, den.sigma_min, den.sigma_max)
+
+    def run(zeta):
+        cfg = METHODS["dps"].make_config({"steps": 20, "zeta": zeta})
+        gen = SplitGenerator([(torch.Generator().manual_seed(0), 1)])
+        return METHODS["dps"].sampler(den, op, y.clone(), sig, config=cfg, generator=gen)
+
+    torch.testing.assert_close(run([0.7, 123.0]), run(0.7))
+    assert not torch.allclose(run([0.7, 0.0]), run([0.2, 0.0]))
+    with pytest.raises(ValueError):
+        METHODS["dps"].make_config({"zeta": [1.0, -1.0]})
