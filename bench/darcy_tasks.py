@@ -12,6 +12,10 @@ set for all cases, boundary nodes included) are observed without noise:
 * ``inverse``: ``u`` at the 500 nodes -> recover ``a``; headline metric: error rate of ``a``
   thresholded at 7.5 (fraction of nodes where ``(a_rec >= 7.5) != (a_true >= 7.5)``).
 
+``name:samples=K`` scores the mean of K posterior samples per case (what a request with
+``num_samples: K`` returns as ``mean``; for ``a`` thresholding the mean is the per-node
+majority vote); its nfe is per sample, the compute K times that.
+
 Every method is scored on all of: ``a_err`` (error rate), ``u_rel`` (relative L2 of ``u``),
 ``pde_res`` (``DarcyResidual.relative_residual`` of the recovered (a, u); ``pde_res_thr`` the
 same with ``a`` thresholded at 7.5, which removes the residual that small wiggles of ``a``
@@ -187,17 +191,21 @@ def run_method(model, task, op, y, x_true, rows, cols, name, params, pde, noise=
              "diverged": False}
     else:
         base, with_pde = split_name(name)
+        params = dict(params)
+        k = int(params.pop("samples", 1))  # k > 1: score the mean of k samples (a request's mean)
+        b = len(y)
         cb = _progress(f"{task} {name}") if verbose else None
-        r = run_batched(model, op, y, method=base, params=params, noise_sigma=noise,
-                        pde=pde if with_pde else None, seeds=list(range(len(y))), callback=cb)
+        r = run_batched(model, op, y.repeat(k, 1), method=base, params=params, noise_sigma=noise,
+                        pde=pde if with_pde else None, seeds=[i + 1000 * j for j in range(k) for i in range(b)],
+                        callback=cb)
         e = {"method": base, "pde_term": with_pde, "params": r["config"], "nfe": r["nfe"],
-             "seconds": r["seconds"], "diverged": r["diverged"]}
+             "seconds": r["seconds"], "diverged": r["diverged"], **({"samples": k} if k > 1 else {})}
         x, done = complete_with_physics(torch.as_tensor(r["x"]), op, pde, completion,
                                         model.card["pde"].get("a_levels"))
-        x = x.numpy()
         e["completed"] = done
+        x = x.numpy().reshape((k, b) + SHAPE).mean(0)  # sample j of case i has seed i + 1000 j
         if done:  # the sampled u, before the solve replaced it
-            raw = metrics(r["x"], x_true, pde)
+            raw = metrics(r["x"].reshape((k, b) + SHAPE).mean(0), x_true, pde)
             e.update({"u_rel_sampled": raw["u_rel"], "pde_res_sampled": raw["pde_res"],
                       "u_rel_sampled_mean": finite_mean(raw["u_rel"]),
                       "pde_res_sampled_mean": finite_mean(raw["pde_res"])})
