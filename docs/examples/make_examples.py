@@ -14,6 +14,8 @@ seed 0; ``models.data`` draws every example from ``numpy.random.default_rng(seed
 * ``phantom-inpainting-obs.png``: the masked phantom as an 8-bit grayscale PNG (``/255`` on reading);
 * ``darcy-truth.npy``: a Darcy pair ``[2, 64, 64]`` float32, channels ``(a, u)``, ``a`` in {3, 12},
   ``u`` the exact discrete solution of ``-div(a grad u) = 1`` (``u`` of order 1e-2);
+* ``darcy-forward-request.json``: the forward problem: ``a`` at the same 500 nodes, the card's
+  default method, 4 samples; ``u`` comes back solved from each sample's ``a`` (``completion``).
 * ``darcy-inverse-request.json``: a ``POST /v1/reconstruct`` body for the inverse problem: ``u``
   observed at 500 random nodes (``sparse_points``, points and values as plain JSON lists),
   ``pde: {"kind": "darcy"}``, ``fast`` 30 steps with the Darcy-inverse weights (``DARCY_METHOD``).
@@ -101,6 +103,16 @@ def main() -> int:
         "num_samples": 1,
         "seed": 0,
         "return": ["mean"],
+    })
+    a_points = points.copy()
+    a_points[:, 0] = 0  # channel a
+    dump_request(HERE / "darcy-forward-request.json", {
+        "model": "darcy-64",
+        "operator": {"kind": "sparse_points", "points": a_points.tolist()},
+        "observation": [float(v) for v in pair[0][points[:, 1], points[:, 2]]],
+        "num_samples": 4,
+        "seed": 0,
+        "return": ["mean", "std"],
     })
     for p in sorted(HERE.iterdir()):
         if p.name != Path(__file__).name:
