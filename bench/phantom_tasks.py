@@ -26,7 +26,7 @@ Results go to ``--out`` (merged into an existing file entry by entry, written af
 method so that a long run keeps what it finished).
 
 Tuning (``--tune``): on 3 cases from ``TUNE_SEED`` (not the reported ones), a small grid of
-``fast``'s (steps, lam, eta) and of ``dps``'s zeta per task; writes ``--tune-out``.
+``fast``'s (lam, cg_iters) and, with ``--tune-methods fast,dps``, of ``dps``'s zeta per task; writes ``--tune-out``.
 Pass that file to a full run with ``--tuned`` to use the best parameters per task.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ SHAPE = (1, 64, 64)
 NOISE = 0.02
 TASKS = ("box_inpainting", "random_inpainting", "deblur", "sr4")
 DEFAULT_METHODS = "dps,ald,fast:steps=30,fast:steps=50,classical"
-TUNE_GRID = {"fast": {"steps": [30, 50], "lam": [0.3, 1.0, 3.0], "eta": [0.5, 1.0]},
+TUNE_GRID = {"fast": {"steps": [50], "lam": [1.0, 3.0], "cg_iters": [1, 4, 8]},
              "dps": {"zeta": [0.3, 1.0, 3.0]}}
 
 
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--tune", action="store_true", help="grid-search fast's and dps's parameters instead")
     p.add_argument("--tune-cases", type=int, default=3)
-    p.add_argument("--tune-methods", default="fast,dps")
+    p.add_argument("--tune-methods", default="fast", help="fast,dps tunes dps's zeta too (slow: 1000 steps)")
     p.add_argument("--tune-out", default=str(RESULTS / f"{MODEL}-tune.json"))
     p.add_argument("--grid", default=None,
                    help='JSON replacing parts of TUNE_GRID, e.g. \'{"dps": {"zeta": [0.5, 1]}}\'')
