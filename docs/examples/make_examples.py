@@ -1,4 +1,4 @@
-"""Write the small example files the quickstart (docs/quickstart.md) uses; deterministic.
+"""Write the small example files the README quickstart uses; deterministic.
 
     .venv/bin/python docs/examples/make_examples.py
 
@@ -18,7 +18,8 @@ seed 0; ``models.data`` draws every example from ``numpy.random.default_rng(seed
   default method, 4 samples; ``u`` comes back solved from each sample's ``a`` (``completion``).
 * ``darcy-inverse-request.json``: a ``POST /v1/reconstruct`` body for the inverse problem: ``u``
   observed at 500 random nodes (``sparse_points``, points and values as plain JSON lists),
-  ``pde: {"kind": "darcy"}``, ``fast`` 30 steps with the Darcy-inverse weights (``DARCY_METHOD``).
+  the card's default method (``dps``, 200 steps), ``completion: "solve"`` (``u`` solved from the
+  recovered ``a``).
 """
 from __future__ import annotations
 
@@ -42,11 +43,6 @@ N = 64
 SR_FACTOR = 4
 MASK_DENSITY = 0.3
 N_NODES = 500
-#: fast on the Darcy inverse task, 30 steps: zeta_obs as bench/darcy_tasks.py sets it for the
-#: inverse task; zeta_pde weighs the PDE-residual term (fast's default 0 leaves it off even with a
-#: "pde" block). Checked on this case and 2 tuning cases with the darcy-64 weights at training step
-#: 2136: zeta_pde 0 or 1e3 give the same errors, 1e4 slightly worse, 1e5-1e6 clearly worse.
-DARCY_METHOD = {"name": "fast", "steps": 30, "zeta_obs": 1e4, "zeta_pde": 1e3}
 
 
 def b64_npy(a: np.ndarray) -> dict:
@@ -98,8 +94,7 @@ def main() -> int:
         "operator": {"kind": "sparse_points", "points": points.tolist()},
         "observation": [float(f"{v:.7g}") for v in u_obs],
         "noise_sigma": 0.0,
-        "pde": {"kind": "darcy"},
-        "method": DARCY_METHOD,
+        "completion": "solve",
         "num_samples": 1,
         "seed": 0,
         "return": ["mean"],
