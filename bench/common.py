@@ -15,6 +15,7 @@ batched network call, i.e. the evaluations each case paid for.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import hashlib
@@ -144,6 +145,18 @@ def run_batched(model, operator, y, *, method: str, params: dict | None = None, 
             "diverged": diverged}
 
 
+def run_samples(model, operator, y, k: int, *, seed0: int = 0, **kwargs) -> dict:
+    """``run_batched`` with ``k`` posterior samples per observation, as one batch: ``x`` is
+    ``[k, B, C, H, W]``, sample ``j`` of case ``i`` drawn with seed ``seed0 + i + 1000 j`` (so
+    ``k = 1`` draws what ``run_batched`` with seeds ``seed0 + i`` does)."""
+    b = len(y)
+    y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
+    r = run_batched(model, operator, y.repeat(k, *([1] * (y.dim() - 1))),
+                    seeds=[seed0 + i + 1000 * j for j in range(k) for i in range(b)], **kwargs)
+    r["x"] = r["x"].reshape((k, b) + r["x"].shape[1:])
+    return r
+
+
 def add_noise(y: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     return y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
@@ -250,3 +263,47 @@ def set_threads(n: int) -> int:
     if n and n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- the task benches
+def task_bench_parser(doc: str, model_id: str, *, cases: int, tasks, methods: str, dps_steps: int,
+                      tune_methods: str, grid_example: str) -> argparse.ArgumentParser:
+    """The arguments ``phantom_tasks.py`` and ``darcy_tasks.py`` share; each adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--cases", type=int, default=cases)
+    p.add_argument("--tasks", default=",".join(tasks))
+    p.add_argument("--methods", default=methods)
+    p.add_argument("--dps-steps", type=int, default=dps_steps)
+    p.add_argument("--out", default=str(RESULTS / f"{model_id}.json"), help="results JSON ('' for none)")
+    p.add_argument("--tuned", default=None, help="a --tune output whose best parameters to use per task")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the summary of --out into the card's 'validation' key")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tune", action="store_true", help="grid-search the method parameters instead")
+    p.add_argument("--tune-cases", type=int, default=3)
+    p.add_argument("--tune-methods", default=tune_methods)
+    p.add_argument("--tune-out", default=str(RESULTS / f"{model_id}-tune.json"))
+    p.add_argument("--grid", default=None, help=f"JSON replacing parts of TUNE_GRID, e.g. '{grid_example}'")
+    return p
+
+
+def task_bench_main(parser: argparse.ArgumentParser, model_id: str, main_run, tune, argv=None) -> None:
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    model = load_model(model_id)
+    (tune if args.tune else main_run)(args, model)
+
+
+def progress_printer(label: str, every: float = 0.1):
+    """A sampler callback printing ``label: step i/n  seconds`` to stderr every ``every`` of the run."""
+    t0 = time.perf_counter()
+    last = [-1]
+
+    def cb(ev):
+        frac = (ev["i"] + 1) / ev["total"]
+        if int(frac / every) > last[0]:
+            last[0] = int(frac / every)
+            print(f"    {label}: step {ev['i'] + 1}/{ev['total']}  {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    return cb

@@ -46,7 +46,6 @@ larger values.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -59,9 +58,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED, atomic_write_json,  # noqa: E402
-                          check_held_out, environment, finite_mean, fmt, held_out_darcy, load_model,
-                          merge_result, model_info, parse_method, previous_tuning, run_batched, set_threads,
+from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, atomic_write_json, check_held_out,  # noqa: E402
+                          environment, finite_mean, fmt, held_out_darcy, merge_result, model_info, parse_method,
+                          previous_tuning, progress_printer, run_samples, task_bench_main, task_bench_parser,
                           update_card)
 from guidance.solve import complete_with_physics  # noqa: E402
 from operators.pde import solve_darcy  # noqa: E402
@@ -191,19 +190,17 @@ def run_method(model, task, op, y, x_true, rows, cols, name, params, pde, noise=
         base, with_pde = split_name(name)
         params = dict(params)
         k = int(params.pop("samples", 1))  # k > 1: score the mean of k samples (a request's mean)
-        b = len(y)
-        cb = _progress(f"{task} {name}") if verbose else None
-        r = run_batched(model, op, y.repeat(k, 1), method=base, params=params, noise_sigma=noise,
-                        pde=pde if with_pde else None, seeds=[i + 1000 * j for j in range(k) for i in range(b)],
-                        callback=cb)
+        cb = progress_printer(f"{task} {name}") if verbose else None
+        r = run_samples(model, op, y, k, method=base, params=params, noise_sigma=noise,
+                        pde=pde if with_pde else None, callback=cb)
         e = {"method": base, "pde_term": with_pde, "params": r["config"], "nfe": r["nfe"],
              "seconds": r["seconds"], "diverged": r["diverged"], **({"samples": k} if k > 1 else {})}
-        x, done = complete_with_physics(torch.as_tensor(r["x"]), op, pde, completion,
+        x, done = complete_with_physics(torch.as_tensor(r["x"].reshape((-1,) + SHAPE)), op, pde, completion,
                                         model.card["pde"].get("a_levels"))
         e["completed"] = done
-        x = x.numpy().reshape((k, b) + SHAPE).mean(0)  # sample j of case i has seed i + 1000 j
+        x = x.numpy().reshape(r["x"].shape).mean(0)
         if done:  # the sampled u, before the solve replaced it
-            raw = metrics(r["x"].reshape((k, b) + SHAPE).mean(0), x_true, pde)
+            raw = metrics(r["x"].mean(0), x_true, pde)
             e.update({"u_rel_sampled": raw["u_rel"], "pde_res_sampled": raw["pde_res"],
                       "u_rel_sampled_mean": finite_mean(raw["u_rel"]),
                       "pde_res_sampled_mean": finite_mean(raw["pde_res"])})
@@ -211,19 +208,6 @@ def run_method(model, task, op, y, x_true, rows, cols, name, params, pde, noise=
     e.update(m)
     e.update({f"{k}_mean": finite_mean(v) for k, v in m.items()})
     return e
-
-
-def _progress(label: str, every: float = 0.1):
-    t0 = time.perf_counter()
-    last = [-1]
-
-    def cb(ev):
-        frac = (ev["i"] + 1) / ev["total"]
-        if int(frac / every) > last[0]:
-            last[0] = int(frac / every)
-            print(f"    {label}: step {ev['i'] + 1}/{ev['total']}  {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
-    return cb
 
 
 def row_text(task: str, label: str, e: dict) -> str:
@@ -334,40 +318,20 @@ def tune(args, model) -> None:
     print(json.dumps(out["best"], indent=1))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--methods", default=DEFAULT_METHODS)
+def build_parser():
+    p = task_bench_parser(__doc__, MODEL, cases=20, tasks=TASKS, methods=DEFAULT_METHODS, dps_steps=200,
+                          tune_methods="diffusion_pde,fast,dps",
+                          grid_example='{"inverse": {"dps": {"zeta": [100, 1000]}}}')
     p.add_argument("--steps", type=int, default=100,
                    help="steps of diffusion_pde (2 evaluations each, 199 in all for 100) and fast (1 each)")
-    p.add_argument("--dps-steps", type=int, default=200)
     p.add_argument("--noise", type=float, default=0.0, help="observation noise (physical units; paper: 0)")
-    p.add_argument("--out", default=str(RESULTS / f"{MODEL}.json"), help="results JSON ('' for none)")
-    p.add_argument("--tuned", default=None, help="a --tune output whose best parameters to use per task")
-    p.add_argument("--update-card", action="store_true",
-                   help="write the summary of --out into the card's 'validation' key")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--completion", default="auto", choices=["auto", "solve", "off"],
                    help="physics completion of the samples, as in a request (off: u as sampled)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--tune", action="store_true", help="grid-search the guidance weights instead")
-    p.add_argument("--tune-cases", type=int, default=3)
-    p.add_argument("--tune-methods", default="diffusion_pde,fast,dps")
-    p.add_argument("--tune-out", default=str(RESULTS / f"{MODEL}-tune.json"))
-    p.add_argument("--grid", default=None,
-                   help='JSON replacing parts of TUNE_GRID, e.g. \'{"inverse": {"dps": {"zeta": [100, 1000]}}}\'')
     return p
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    set_threads(args.threads)
-    model = load_model(MODEL)
-    if args.tune:
-        tune(args, model)
-    else:
-        main_run(args, model)
+    task_bench_main(build_parser(), MODEL, main_run, tune, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Pass that file to a full run with ``--tuned`` to use the best parameters per tas
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -44,9 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED, add_noise, check_held_out,  # noqa: E402
-                          environment, finite_mean, fmt, held_out_phantoms, load_model, merge_result,
-                          model_info, parse_method, previous_tuning, run_batched, set_threads, update_card)
+from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_noise, atomic_write_json,  # noqa: E402
+                          check_held_out, environment, finite_mean, fmt, held_out_phantoms, merge_result,
+                          model_info, parse_method, previous_tuning, progress_printer, run_samples,
+                          task_bench_main, task_bench_parser, update_card)
 from operators.imaging import gaussian_kernel  # noqa: E402
 from operators.spec import build_operator  # noqa: E402
 
@@ -131,19 +131,6 @@ def psnrs(x: np.ndarray, x_true: np.ndarray) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- running
-def progress(label: str, every: float = 0.1):
-    t0 = time.perf_counter()
-    last = [-1]
-
-    def cb(e):
-        frac = (e["i"] + 1) / e["total"]
-        if int(frac / every) > last[0]:
-            last[0] = int(frac / every)
-            print(f"    {label}: step {e['i'] + 1}/{e['total']}  {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
-    return cb
-
-
 def method_params(name: str, params: dict, task: str, tuned: dict, dps_steps: int) -> dict:
     """Tuned parameters, then ``--dps-steps`` for dps, then the ``--methods`` spec's own."""
     steps = {"steps": dps_steps} if name == "dps" else {}
@@ -159,12 +146,9 @@ def run_method(model, task: str, spec: dict, op, y, x_true, name: str, params: d
                 "psnr": psnrs(x, x_true), "diverged": False}
     params = dict(params)
     k = int(params.pop("samples", 1))  # k > 1: score the mean of k samples (what a request's mean is)
-    cb = progress(f"{task} {name}") if verbose else None
-    b = len(y)
-    r = run_batched(model, op, y.repeat(k, *([1] * (y.dim() - 1))), method=name, params=params,
-                    noise_sigma=NOISE, seeds=[seed0 + i + 1000 * j for j in range(k) for i in range(b)],
-                    callback=cb)
-    x = r["x"].reshape((k, b) + r["x"].shape[1:])  # sample j of case i: seed seed0 + i + 1000 j
+    cb = progress_printer(f"{task} {name}") if verbose else None
+    r = run_samples(model, op, y, k, seed0=seed0, method=name, params=params, noise_sigma=NOISE, callback=cb)
+    x = r["x"]
     e = {"method": name, "params": r["config"], "nfe": r["nfe"], "seconds": r["seconds"],
          "psnr": psnrs(x.mean(0), x_true), "diverged": r["diverged"]}
     if k > 1:
@@ -260,40 +244,17 @@ def tune(args, model) -> None:
                 best[name] = max(ok, key=lambda s: s[1])[0]
                 print(f"  best {name}: {best[name]}")
         if args.tune_out:
-            from bench.common import atomic_write_json
             atomic_write_json(Path(args.tune_out), out)
     print(json.dumps(out["best"], indent=1))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", type=int, default=10)
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--methods", default=DEFAULT_METHODS)
-    p.add_argument("--dps-steps", type=int, default=1000)
-    p.add_argument("--out", default=str(RESULTS / f"{MODEL}.json"), help="results JSON ('' for none)")
-    p.add_argument("--tuned", default=None, help="a --tune output whose best parameters to use per task")
-    p.add_argument("--update-card", action="store_true",
-                   help="write the PSNR summary of --out into the card's 'validation' key")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--tune", action="store_true", help="grid-search fast's and dps's parameters instead")
-    p.add_argument("--tune-cases", type=int, default=3)
-    p.add_argument("--tune-methods", default="fast", help="fast,dps tunes dps's zeta too (slow: 1000 steps)")
-    p.add_argument("--tune-out", default=str(RESULTS / f"{MODEL}-tune.json"))
-    p.add_argument("--grid", default=None,
-                   help='JSON replacing parts of TUNE_GRID, e.g. \'{"dps": {"zeta": [0.5, 1]}}\'')
-    return p
+def build_parser():
+    return task_bench_parser(__doc__, MODEL, cases=10, tasks=TASKS, methods=DEFAULT_METHODS, dps_steps=1000,
+                             tune_methods="fast", grid_example='{"dps": {"zeta": [0.5, 1]}}')
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    set_threads(args.threads)
-    model = load_model(MODEL)
-    if args.tune:
-        tune(args, model)
-    else:
-        main_run(args, model)
+    task_bench_main(build_parser(), MODEL, main_run, tune, argv)
 
 
 if __name__ == "__main__":
