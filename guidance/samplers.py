@@ -308,7 +308,7 @@ def kalman_cg(residuals, u, cov, iters: int, affine: bool) -> torch.Tensor:
     q = r
     p = cov(q)
     rz = batch_dot(r, p)
-    for k in range(max(int(iters), 1)):
+    for k in range(iters):
         fp = fprime(p)
         hp = q + vjp(fp)
         php = batch_dot(p, hp)
@@ -320,7 +320,7 @@ def kalman_cg(residuals, u, cov, iters: int, affine: bool) -> torch.Tensor:
         r = r - col(alpha, u) * hp
         z = cov(r)
         rz_new = batch_dot(r, z)
-        beta = torch.where(ok & (rz > 0), rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        beta = torch.where(ok, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
         q, p, rz = r + col(beta, u) * q, z + col(beta, u) * p, torch.where(ok, rz_new, torch.zeros_like(rz))
     return delta
 

@@ -111,6 +111,18 @@ def complete_with_physics(x_phys: torch.Tensor, operator, pde, mode: str = "auto
     return pde.complete(x_phys, levels), True
 
 
+def finish(model, operator, y: torch.Tensor, x_phys: torch.Tensor, pde_metric, completion: str = "auto"):
+    """Physics completion (``a`` snapped to the card's ``pde.a_levels``), then the metrics of the
+    mean: ``data_residual``, ``pde_residual`` (of ``pde_metric``, None without one), ``completed``.
+    Shared by ``solve`` and the service's batched jobs."""
+    levels = (model.card.get("pde") or {}).get("a_levels")
+    x_phys, completed = complete_with_physics(x_phys, operator, pde_metric, completion, levels)
+    mean = x_phys.mean(0, keepdim=True)
+    return x_phys, {"data_residual": relative_data_residual(operator, y.to(mean), mean),
+                    "pde_residual": float(pde_metric.relative_residual(mean)[0]) if pde_metric is not None else None,
+                    "completed": completed}
+
+
 def relative_data_residual(operator, y: torch.Tensor, x: torch.Tensor) -> float:
     """``||y - A(x)|| / ||y||`` in physical units."""
     r = (y - operator.forward(x)).norm()
@@ -137,13 +149,7 @@ def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str
                                    generator=SplitGenerator([(gen, num_samples)]), callback=callback,
                                    noise_sigma=float(noise_sigma), pde=pde_net)
     elapsed = time.perf_counter() - t0
-    x_phys = op.to_physical(x.detach())
-    card_pde = model.card.get("pde") or {}
-    pde_metric = pde if pde is not None else (build_pde(None, tuple(model.card["shape"]), card_pde)
-                                              if card_pde else None)
-    x_phys, completed = complete_with_physics(x_phys, operator, pde_metric, completion, card_pde.get("a_levels"))
-    metrics = {"data_residual": relative_data_residual(operator, y, x_phys.mean(0, keepdim=True)),
-               "pde_residual": (float(pde_metric.relative_residual(x_phys.mean(0, keepdim=True))[0])
-                                if pde_metric is not None else None),
-               "completed": completed}
+    card_pde = model.card.get("pde")
+    pde_metric = pde if pde is not None or not card_pde else build_pde(None, tuple(model.card["shape"]), card_pde)
+    x_phys, metrics = finish(model, operator, y, op.to_physical(x.detach()), pde_metric, completion)
     return Solution(x_phys.float().cpu().numpy(), den.nfe, elapsed, int(seed), plan.describe(), metrics)

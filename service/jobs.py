@@ -36,7 +36,7 @@ import torch
 
 from guidance.core import DivergedError, SplitGenerator
 from guidance.registry import METHODS
-from guidance.solve import Plan, PosteriorStats, complete_with_physics, network_problem, relative_data_residual
+from guidance.solve import Plan, PosteriorStats, finish, network_problem
 from models.denoiser import CountingDenoiser
 from operators.base import Operator
 
@@ -224,17 +224,9 @@ def run_batch(problems: list[Problem], device: str | torch.device = "cpu",
 
 
 def finish_problem(p: Problem, x_phys: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Physics completion (``guidance.solve.complete_with_physics``), then ``data_residual`` and
-    ``pde_residual`` of the mean, as ``guidance.solve.solve`` does."""
-    levels = (p.model.card.get("pde") or {}).get("a_levels")
-    x_phys, completed = complete_with_physics(x_phys, p.operator, p.pde_metric, p.completion, levels)
-    mean = x_phys.mean(0, keepdim=True)
-    y = p.y.to(x_phys)
-    out = {"data_residual": relative_data_residual(p.operator, y, mean), "pde_residual": None}
-    if p.pde_metric is not None:
-        out["pde_residual"] = float(p.pde_metric.relative_residual(mean)[0])
-    out = {k: (v if v is None or math.isfinite(v) else None) for k, v in out.items()}
-    return x_phys, {**out, "completed": completed}
+    """``guidance.solve.finish`` (completion, metrics of the mean), non-finite metrics as None."""
+    x_phys, metrics = finish(p.model, p.operator, p.y, x_phys, p.pde_metric, p.completion)
+    return x_phys, {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------- jobs
