@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -109,10 +110,6 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
         except json.JSONDecodeError:
             params[k] = v
     return spec, name, params
-
-
-def method_label(name: str, params: dict) -> str:
-    return ":".join([name] + [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in params.items()])
 
 
 def run_batched(model, operator, y, *, method: str, params: dict | None = None, noise_sigma: float = 0.0,
@@ -293,6 +290,22 @@ def task_bench_main(parser: argparse.ArgumentParser, model_id: str, main_run, tu
     set_threads(args.threads)
     model = load_model(model_id)
     (tune if args.tune else main_run)(args, model)
+
+
+def grid_search(grid: dict, evaluate, maximize: bool) -> tuple[dict | None, list[dict]]:
+    """Evaluate every combination of ``grid``'s values (``{name: [values]}``). ``evaluate(params)``
+    returns ``(score or None, record)``. Returns the best-scoring params (the first of equals;
+    None when nothing scored) and one record per combination, params included."""
+    keys = list(grid)
+    scored, records = [], []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, values))
+        score, record = evaluate(params)
+        records.append({**params, **record})
+        if score is not None:
+            scored.append((score, params))
+    pick = max if maximize else min
+    return (pick(scored, key=lambda t: t[0])[1] if scored else None), records
 
 
 def progress_printer(label: str, every: float = 0.1):

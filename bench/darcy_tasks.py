@@ -46,7 +46,6 @@ larger values.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import time
@@ -59,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
 from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, atomic_write_json, check_held_out,  # noqa: E402
-                          environment, finite_mean, fmt, held_out_darcy, merge_result, model_info, parse_method,
+                          environment, finite_mean, fmt, grid_search, held_out_darcy, merge_result, model_info, parse_method,
                           previous_tuning, progress_printer, run_samples, task_bench_main, task_bench_parser,
                           update_card)
 from guidance.solve import complete_with_physics  # noqa: E402
@@ -297,21 +296,17 @@ def tune(args, model) -> None:
         base = run_method(model, task, op, y, x_true, rows, cols, "classical", {}, pde)
         print(row_text(task, "classical", base))
         for name in args.tune_methods.split(","):
-            grid = grids[task][name]
-            keys = list(grid)
-            scores, res[name] = [], []
-            for values in itertools.product(*(grid[k] for k in keys)):
-                params = dict(zip(keys, values))
+            def evaluate(params, name=name):
                 full = method_params(name, params, task, {}, args.steps, args.dps_steps)
                 e = run_method(model, task, op, y, x_true, rows, cols, name, full, pde, args.noise, verbose=False)
-                sane = all(e[f"{k}_mean"] is not None for k in ("a_err", "u_rel", "pde_res")) and e["u_rel_mean"] < 1
-                scores.append((params, e[f"{key}_mean"] if sane else None))  # a blown-up u disqualifies
-                res[name].append({**params, **{k: e[k] for k in e if k.endswith("_mean")},
-                                                 "nfe": e["nfe"], "seconds": e["seconds"]})
                 print(row_text(task, f"{name}:{json.dumps(params, separators=(',', ':'))}", e), flush=True)
-            ok = [s for s in scores if s[1] is not None]
-            if ok:
-                best[name] = min(ok, key=lambda s: s[1])[0]
+                sane = all(e[f"{k}_mean"] is not None for k in ("a_err", "u_rel", "pde_res")) and e["u_rel_mean"] < 1
+                return ((e[f"{key}_mean"] if sane else None),  # a blown-up u disqualifies
+                        {**{k: e[k] for k in e if k.endswith("_mean")}, "nfe": e["nfe"], "seconds": e["seconds"]})
+
+            chosen, res[name] = grid_search(grids[task][name], evaluate, maximize=False)
+            if chosen is not None:
+                best[name] = chosen
                 print(f"  best {name}: {best[name]}")
             if args.tune_out:
                 atomic_write_json(Path(args.tune_out), out)

@@ -31,7 +31,6 @@ Pass that file to a full run with ``--tuned`` to use the best parameters per tas
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import time
@@ -44,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
 from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_noise, atomic_write_json,  # noqa: E402
-                          check_held_out, environment, finite_mean, fmt, held_out_phantoms, merge_result,
+                          check_held_out, environment, finite_mean, fmt, grid_search, held_out_phantoms, merge_result,
                           model_info, parse_method, previous_tuning, progress_printer, run_samples,
                           task_bench_main, task_bench_parser, update_card)
 from operators.imaging import gaussian_kernel  # noqa: E402
@@ -229,19 +228,17 @@ def tune(args, model) -> None:
             grid = dict(grids[name])
             if name == "dps":
                 grid = {"steps": [args.dps_steps], **grid}
-            keys = list(grid)
-            scores, res[name] = [], []
-            for values in itertools.product(*(grid[k] for k in keys)):
-                params = dict(zip(keys, values))
+
+            def evaluate(params, name=name):
                 e = run_method(model, task, spec, op, y, x_true, name, params, verbose=False)
                 m = finite_mean(e["psnr"])
-                scores.append((params, m))
-                res[name].append({**params, "psnr": m, "nfe": e["nfe"], "seconds": e["seconds"]})
                 print(f"  {name:5s} {json.dumps(params):50s} PSNR {fmt(m)}  nfe {e['nfe']}  {e['seconds']:.1f} s",
                       flush=True)
-            ok = [s for s in scores if s[1] is not None]
-            if ok:
-                best[name] = max(ok, key=lambda s: s[1])[0]
+                return m, {"psnr": m, "nfe": e["nfe"], "seconds": e["seconds"]}
+
+            chosen, res[name] = grid_search(grid, evaluate, maximize=True)
+            if chosen is not None:
+                best[name] = chosen
                 print(f"  best {name}: {best[name]}")
         if args.tune_out:
             atomic_write_json(Path(args.tune_out), out)
