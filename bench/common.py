@@ -7,11 +7,10 @@ example from ``numpy.random.default_rng(seed)``: different seeds are independent
 (NumPy's ``SeedSequence``), and ``check_held_out`` confirms that no held-out example equals
 a training example when the training set is at hand (``runs/<id>/data.npy``).
 
-Batched solving. ``solve`` takes one observation; ``run_batched`` copies its few lines
-(``network_problem``, ``CountingDenoiser``, ``METHODS[name].sampler``) with ``y`` stacked
-``[B, ...]`` and one random stream per case (``SplitGenerator``), so a case gets the same
-result whatever batch it runs in. ``nfe`` is counted by ``CountingDenoiser``: one per
-batched network call, i.e. the evaluations each case paid for.
+Batched solving. ``solve`` takes one observation; ``run_batched`` runs the same driver
+(``guidance.driver.sample_batch``) with one item per case, each with its own seeded random
+stream, so a case gets the same result whatever batch it runs in. ``nfe`` counts batched
+network calls, i.e. the evaluations each case paid for.
 """
 from __future__ import annotations
 
@@ -35,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from guidance.core import DivergedError, SplitGenerator  # noqa: E402
+from guidance.core import DivergedError  # noqa: E402
+from guidance.driver import BatchItem, sample_batch  # noqa: E402
 from guidance.registry import METHODS  # noqa: E402
-from guidance.solve import network_problem  # noqa: E402
+from guidance.solve import Plan  # noqa: E402
 from models.checkpoint import CARD, WEIGHTS, load_checkpoint  # noqa: E402
-from models.denoiser import CountingDenoiser  # noqa: E402
 from models.schedules import get_sigmas  # noqa: E402
 
 CHECKPOINTS = ROOT / "checkpoints"
@@ -121,24 +120,20 @@ def run_batched(model, operator, y, *, method: str, params: dict | None = None, 
     """
     cfg = METHODS[method].make_config(params or {})
     den = model.denoiser
-    sigmas = get_sigmas(cfg.schedule, cfg.steps, den.sigma_min, den.sigma_max)
+    plan = Plan(method, cfg, get_sigmas(cfg.schedule, cfg.steps, den.sigma_min, den.sigma_max))
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
-    op, y_net, pde_net = network_problem(model, operator, y, pde)
-    b = y.shape[0]
-    seeds = list(range(b)) if seeds is None else [int(s) for s in seeds]
-    gen = SplitGenerator([(torch.Generator().manual_seed(s), 1) for s in seeds])
-    counter = CountingDenoiser(den)
+    seeds = list(range(len(y))) if seeds is None else [int(s) for s in seeds]
     t0 = time.perf_counter()
     diverged = False
     try:
-        x = METHODS[method].sampler(counter, op, y_net.clone(), sigmas, config=cfg, generator=gen,
-                                    callback=callback, noise_sigma=float(noise_sigma), pde=pde_net)
-        x = op.to_physical(x.detach()).numpy()
-    except DivergedError:
-        diverged = True
-        x = np.full((b,) + tuple(model.card["shape"]), np.nan)
+        run = sample_batch(model, plan, [BatchItem(operator, yi, 1, s) for yi, s in zip(y, seeds)],
+                           noise_sigma=noise_sigma, pde=pde, callback=callback)
+        x, nfe = torch.cat(run.samples).numpy(), run.nfe
+    except DivergedError as e:
+        diverged, nfe = True, e.nfe
+        x = np.full((len(y),) + tuple(model.card["shape"]), np.nan)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-    return {"x": x, "nfe": counter.nfe, "seconds": time.perf_counter() - t0, "config": config,
+    return {"x": x, "nfe": nfe, "seconds": time.perf_counter() - t0, "config": config,
             "diverged": diverged}
 
 

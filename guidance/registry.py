@@ -2,28 +2,27 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .samplers import (ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, sample_ald,
-                       sample_diffusion_pde, sample_dps, sample_fast)
+from .samplers import (ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, SamplerConfig,
+                       sample_ald, sample_diffusion_pde, sample_dps, sample_fast)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     sampler: Callable
-    config: type
+    config: type[SamplerConfig]
     summary: str
     paper: str
 
-    def nfe_per_step(self, cfg) -> int:
-        if self.name == "ald":
-            return cfg.corrector_steps + 1
-        return self.config.nfe_per_step
+    def nfe_per_step(self, cfg: SamplerConfig) -> int:
+        return cfg.nfe_per_step()
 
-    def make_config(self, params: dict[str, Any] | None = None):
-        """A frozen config from user parameters; unknown names and bad values raise ValueError."""
+    def make_config(self, params: dict[str, Any] | None = None) -> SamplerConfig:
+        """A frozen, validated config from user parameters; unknown names and bad values raise ValueError."""
         params = dict(params or {})
         fields = {f.name: f for f in dataclasses.fields(self.config)}
         unknown = sorted(set(params) - set(fields))
@@ -37,13 +36,13 @@ class Method:
             elif isinstance(default, bool):
                 params[k] = bool(v)
             elif isinstance(default, int):
-                if isinstance(v, bool) or float(v) != int(v):
+                if isinstance(v, bool) or not math.isfinite(float(v)) or float(v) != int(v):
                     raise ValueError(f"{k} must be an integer")
                 params[k] = int(v)
             elif isinstance(default, float):
                 params[k] = float(v)
         cfg = self.config(**params)
-        validate_config(cfg)
+        cfg.validate()
         return cfg
 
     def describe(self) -> dict:
@@ -51,33 +50,6 @@ class Method:
         return {"name": self.name, "summary": self.summary, "paper": self.paper,
                 "parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()},
                 "nfe_per_step": self.nfe_per_step(self.config())}
-
-
-def validate_config(cfg) -> None:
-    import math
-    from models.schedules import SCHEDULES
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        vals = v if isinstance(v, tuple) else (v,)
-        for e in vals:
-            if isinstance(e, (int, float)) and not math.isfinite(float(e)):
-                raise ValueError(f"{f.name} must be finite")
-    if cfg.steps < 1:
-        raise ValueError("steps must be at least 1")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}")
-    for name in ("zeta", "zeta_pde", "lam", "snr", "eps", "eta", "late_obs_scale"):
-        v = getattr(cfg, name, 0.0)
-        if any(e < 0 for e in (v if isinstance(v, tuple) else (v,))):
-            raise ValueError(f"{name} must be >= 0")
-    if hasattr(cfg, "cg_iters") and not 1 <= cfg.cg_iters <= 50:
-        raise ValueError("cg_iters must be between 1 and 50")
-    if hasattr(cfg, "corrector_steps") and cfg.corrector_steps < 0:
-        raise ValueError("corrector_steps must be >= 0")
-    if hasattr(cfg, "step_rule") and cfg.step_rule not in ("snr", "eps"):
-        raise ValueError("step_rule must be 'snr' or 'eps'")
-    if hasattr(cfg, "lam") and cfg.lam == 0 and not hasattr(cfg, "corrector_steps"):
-        raise ValueError("lam must be > 0")
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -12,11 +12,12 @@ may hold its own observation). ``operator`` and ``pde`` act on the network-space
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
+from models.schedules import SCHEDULES
 from operators.base import batch_dot
 
 from .core import (ancestral_step, col, denoise_with_grad, init_state, randn_like, report,
@@ -37,9 +38,49 @@ def _weights(zeta, channels: int):
     return tuple(float(z) for z in zeta)
 
 
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class Cost:
+    """What one run costs per posterior sample (a batched call serves every row at once):
+    network evaluations and backward passes through the network (vector-Jacobian products)."""
+
+    network_calls: int
+    backprops: int
+
+
+class SamplerConfig:
+    """Checks every method config shares; subclasses are frozen dataclasses that add their own
+    in ``validate`` and say what a run costs (``cost``) and calls per step (``nfe_per_step``)."""
+
+    #: Fields (scalars or per-channel tuples) that must be >= 0.
+    nonnegative: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        """Raise ValueError on a value the sampler cannot run with."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            for e in v if isinstance(v, tuple) else (v,):
+                if isinstance(e, (int, float)) and not math.isfinite(float(e)):
+                    raise ValueError(f"{f.name} must be finite")
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}")
+        for name in self.nonnegative:
+            v = getattr(self, name)
+            if any(e < 0 for e in (v if isinstance(v, tuple) else (v,))):
+                raise ValueError(f"{name} must be >= 0")
+
+    def nfe_per_step(self) -> int:
+        raise NotImplementedError
+
+    def cost(self) -> Cost:
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------- DPS
 @dataclass(frozen=True)
-class DPSConfig:
+class DPSConfig(SamplerConfig):
     """DPS parameters (Chung et al. 2023). ``zeta`` is the paper's zeta' (a scalar, or one per
     channel, each weighing the norm of that channel's misfit); ``zeta_pde`` weighs the PDE term."""
 
@@ -48,7 +89,13 @@ class DPSConfig:
     zeta_pde: float = 0.0
     eta: float = 1.0
     schedule: str = "vp_linear"
-    nfe_per_step: ClassVar[int] = 1
+    nonnegative: ClassVar[tuple[str, ...]] = ("zeta", "zeta_pde", "eta")
+
+    def nfe_per_step(self) -> int:
+        return 1
+
+    def cost(self) -> Cost:
+        return Cost(self.steps, self.steps)  # one gradient through x0_hat per step
 
 
 def sample_dps(denoiser, operator, y, sigmas, *, config: DPSConfig, generator, callback=None,
@@ -82,7 +129,7 @@ def sample_dps(denoiser, operator, y, sigmas, *, config: DPSConfig, generator, c
 
 # --------------------------------------------------------------------------- ALD
 @dataclass(frozen=True)
-class ALDConfig:
+class ALDConfig(SamplerConfig):
     """Projection-based annealed Langevin parameters.
 
     ``steps`` noise levels, each with ``corrector_steps`` Langevin steps (``step_rule`` "snr":
@@ -99,7 +146,26 @@ class ALDConfig:
     lam: float = 1.0
     zeta_pde: float = 0.0
     schedule: str = "ve"
-    nfe_per_step: ClassVar[int] = 2  # corrector_steps + 1 with the default
+    nonnegative: ClassVar[tuple[str, ...]] = ("snr", "eps", "lam", "zeta_pde")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.corrector_steps < 0:
+            raise ValueError("corrector_steps must be >= 0")
+        if self.final_corrector_steps < 0:
+            raise ValueError("final_corrector_steps must be >= 0")
+        if self.step_rule not in ("snr", "eps"):
+            raise ValueError("step_rule must be 'snr' or 'eps'")
+
+    def nfe_per_step(self) -> int:
+        return self.corrector_steps + 1
+
+    def cost(self) -> Cost:
+        """An upper bound, exact when the matched level is inserted (noisy selections): then
+        ``steps + 1`` levels of ``corrector_steps + 1`` calls, the inserted one running
+        ``final_corrector_steps`` corrector steps instead. Without a matched level a run
+        makes ``steps * nfe_per_step()`` calls. No backprops (the score is ``D(x) - x``)."""
+        return Cost(self.steps * self.nfe_per_step() + self.final_corrector_steps + 1, 0)
 
 
 def _with_level(sigmas: torch.Tensor, nu: float | None) -> torch.Tensor:
@@ -160,7 +226,7 @@ def _pde_grad(pde, x):
 
 # --------------------------------------------------------------------------- DiffusionPDE
 @dataclass(frozen=True)
-class DiffusionPDEConfig:
+class DiffusionPDEConfig(SamplerConfig):
     """DiffusionPDE parameters (Huang et al. 2024). ``zeta_obs`` is a scalar or one weight per
     channel; before ``pde_switch * steps`` only the observation term guides, after it the PDE
     term joins and the observation weight is multiplied by ``late_obs_scale``."""
@@ -172,7 +238,16 @@ class DiffusionPDEConfig:
     late_obs_scale: float = 0.1
     schedule: str = "karras"
     rho: float = 7.0
-    nfe_per_step: ClassVar[int] = 2
+    nonnegative: ClassVar[tuple[str, ...]] = ("zeta_obs", "zeta_pde", "late_obs_scale")
+
+    def nfe_per_step(self) -> int:
+        return 2
+
+    def cost(self) -> Cost:
+        # Heun: two calls per step, the last (to sigma = 0) an Euler step with one; the guidance
+        # gradient goes back through every call of its step
+        n = 2 * self.steps - 1
+        return Cost(n, n)
 
 
 def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEConfig, generator,
@@ -213,7 +288,7 @@ def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEC
 
 # --------------------------------------------------------------------------- fast
 @dataclass(frozen=True)
-class FastConfig:
+class FastConfig(SamplerConfig):
     """The project's fast sampler. ``lam`` scales the prior's weight in the proximal data step;
     ``eta`` the fresh noise of the ancestral step (1 = DDPM, 0 = DDIM); ``zeta_obs`` (scalar or
     per channel) and ``zeta_pde`` weigh the observation and PDE residuals in the Kalman step;
@@ -229,7 +304,20 @@ class FastConfig:
     noise_floor: float = 1e-2
     cg_iters: int = 1
     schedule: str = "karras"
-    nfe_per_step: ClassVar[int] = 1
+    nonnegative: ClassVar[tuple[str, ...]] = ("lam", "eta", "zeta_obs", "zeta_pde")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.cg_iters <= 50:
+            raise ValueError("cg_iters must be between 1 and 50")
+        if self.lam == 0:
+            raise ValueError("lam must be > 0")
+
+    def nfe_per_step(self) -> int:
+        return 1
+
+    def cost(self) -> Cost:
+        return Cost(self.steps, self.steps * self.cg_iters)  # one backprop per CG iteration
 
 
 def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator, callback=None,

@@ -2,24 +2,21 @@
 
 ``solve`` maps the problem into the network's normalized space (``operators.Rescaled``),
 picks the method (the model card's first recommended one by default, with the card's
-tuned parameters under the caller's), runs it with ``num_samples`` samples as one batch,
-and maps back. Used by the CLI and the service alike.
+tuned parameters under the caller's), runs it with ``num_samples`` samples as one batch
+(``driver.sample_batch``), and maps back. Used by the CLI and the service alike.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from models.denoiser import CountingDenoiser
 from models.schedules import get_sigmas
-from operators.base import Rescaled
 from operators.spec import build_pde
 
-from .core import SplitGenerator
+from .driver import BatchItem, sample_batch
 from .registry import METHODS
 
 
@@ -71,14 +68,6 @@ def plan_method(card: dict, denoiser, name: str | None = None, params: dict | No
     cfg = METHODS[name].make_config({**tuned, **(params or {})})
     sigmas = get_sigmas(cfg.schedule, cfg.steps, denoiser.sigma_min, denoiser.sigma_max)
     return Plan(name, cfg, sigmas)
-
-
-def network_problem(model, operator, y: torch.Tensor, pde=None):
-    """The operator, observation and PDE term as the sampler sees them (network space)."""
-    op = Rescaled(operator, model.shift, model.scale)
-    y_net = op.observation(y)
-    pde_net = Rescaled(pde, model.shift, model.scale) if pde is not None else None
-    return op, y_net, pde_net
 
 
 COMPLETION_MODES = ("auto", "solve", "off")
@@ -140,16 +129,9 @@ def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64, device=device)
     if operator.linear:
         y = operator.observed(y[None])[0]
-    op, y_net, pde_net = network_problem(model, operator, y[None], pde)
-    den = CountingDenoiser(model.denoiser)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    t0 = time.perf_counter()
-    x = METHODS[plan.name].sampler(den, op, y_net.expand((num_samples,) + tuple(y_net.shape[1:])).clone(),
-                                   plan.sigmas.to(device), config=plan.config,
-                                   generator=SplitGenerator([(gen, num_samples)]), callback=callback,
-                                   noise_sigma=float(noise_sigma), pde=pde_net)
-    elapsed = time.perf_counter() - t0
+    run = sample_batch(model, plan, [BatchItem(operator, y, num_samples, seed)], noise_sigma=noise_sigma,
+                       pde=pde, device=device, callback=callback)
     card_pde = model.card.get("pde")
     pde_metric = pde if pde is not None or not card_pde else build_pde(None, tuple(model.card["shape"]), card_pde)
-    x_phys, metrics = finish(model, operator, y, op.to_physical(x.detach()), pde_metric, completion)
-    return Solution(x_phys.float().cpu().numpy(), den.nfe, elapsed, int(seed), plan.describe(), metrics)
+    x_phys, metrics = finish(model, operator, y, run.samples[0], pde_metric, completion)
+    return Solution(x_phys.float().cpu().numpy(), run.nfe, run.seconds, int(seed), plan.describe(), metrics)

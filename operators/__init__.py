@@ -4,6 +4,7 @@ Registries: ``OPERATORS`` (request ``operator.kind`` -> class) and ``PDE_RESIDUA
 (request/card ``pde.kind`` -> class).
 """
 from .base import LinearOperator, Operator, Rescaled, batch_dot, conjugate_gradient
+from .batched import BatchedOperator, Unbatchable
 from .imaging import (MRI, Blur, CompressedSensing, Identity, Inpainting, SparsePoints,
                       SuperResolution, gaussian_kernel, gaussian_matrix, motion_kernel)
 from .pde import (PDE_RESIDUALS, DarcyResidual, HelmholtzResidual, PDEResidual, PoissonResidual,
@@ -13,6 +14,7 @@ from .spec import (OPERATORS, OperatorSpecError, UnknownKindError, build_operato
 
 __all__ = [
     "Operator", "LinearOperator", "Rescaled", "batch_dot", "conjugate_gradient",
+    "BatchedOperator", "Unbatchable",
     "Identity", "Inpainting", "SparsePoints", "Blur", "SuperResolution", "CompressedSensing", "MRI",
     "gaussian_kernel", "motion_kernel", "gaussian_matrix",
     "PDEResidual", "DarcyResidual", "PoissonResidual", "HelmholtzResidual", "PDE_RESIDUALS",

@@ -7,7 +7,9 @@ Constructors assume already-validated arguments (see ``operators.spec.build_oper
 """
 from __future__ import annotations
 
+import collections
 import math
+import threading
 
 import numpy as np
 import torch
@@ -360,12 +362,37 @@ def gaussian_matrix(m: int, n: int, seed: int) -> torch.Tensor:
     return (torch.randn((m, n), generator=g) / math.sqrt(m)).to(torch.float64)
 
 
+class SeededMatrices:
+    """Process-wide LRU of ``gaussian_matrix`` draws bounded by their bytes (the newest is kept
+    whatever its size): operators with the same ``(m, n, seed)`` share one draw. Draws run
+    one at a time under the lock, so concurrent requests for one matrix draw it once."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, m: int, n: int, seed: int) -> torch.Tensor:
+        key = (int(m), int(n), int(seed))
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = gaussian_matrix(*key)
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and sum(a.nbytes for a in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
+            return self._items[key]
+
+
+SEEDED_MATRICES = SeededMatrices()
+
+
 class CompressedSensing(LinearOperator):
     """Compressed sensing: ``y = A vec(x)`` with a dense ``[m, C*H*W]`` matrix (mixes channels).
 
-    The matrix is ``matrix`` if given, else Gaussian drawn from ``seed`` (``gaussian_matrix``).
-    Pseudo-inverse by a Cholesky factorization of ``A A^T`` (computed on first use; CG if
-    ``A`` is rank-deficient); prox by CG.
+    The matrix is ``matrix`` if given, else Gaussian drawn from ``seed`` (``gaussian_matrix``)
+    on first use, through ``SEEDED_MATRICES``: constructing the operator costs nothing, and an
+    operator keeps the matrix only once it has been applied. Pseudo-inverse by a Cholesky
+    factorization of ``A A^T`` (computed on first use; CG if ``A`` is rank-deficient); prox by CG.
     """
 
     kind = "compressed_sensing"
@@ -374,9 +401,17 @@ class CompressedSensing(LinearOperator):
     def __init__(self, in_shape, m=None, seed=0, matrix=None):
         super().__init__(in_shape)
         n = math.prod(self.in_shape)
-        self.matrix = _f64(matrix).reshape(-1, n) if matrix is not None else gaussian_matrix(int(m), n, seed)
-        self.m = self.matrix.shape[0]
+        self._matrix = _f64(matrix).reshape(-1, n) if matrix is not None else None
+        self.m = self._matrix.shape[0] if matrix is not None else int(m)
+        self.seed = int(seed)
         self._cache: dict = {}
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """``[m, C*H*W]`` float64."""
+        if self._matrix is not None:
+            return self._matrix
+        return SEEDED_MATRICES.get(self.m, math.prod(self.in_shape), self.seed)
 
     @property
     def obs_shape(self):
@@ -396,7 +431,8 @@ class CompressedSensing(LinearOperator):
 
     def _gram_factor(self):
         if "chol" not in self._cache:
-            l, info = torch.linalg.cholesky_ex(self.matrix @ self.matrix.T)
+            a = self.matrix
+            l, info = torch.linalg.cholesky_ex(a @ a.T)
             self._cache["chol"] = l if int(info) == 0 else None
         return self._cache["chol"]
 

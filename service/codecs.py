@@ -20,6 +20,8 @@ NPY_MAGIC = b"\x93NUMPY"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_DIMS = 8
+#: Largest single dimension an array header may state (larger is refused with 413 unread).
+MAX_DIM = 2**31
 
 
 class CodecError(ValueError):
@@ -90,6 +92,36 @@ def _finish(arr: np.ndarray, field: str) -> np.ndarray:
     return out
 
 
+def _checked_count(shape: tuple, field: str, max_elements: int) -> int:
+    """Elements of an announced ``shape``, refused before anything is allocated: a dimension that
+    is not a plain non-negative int is 422 (numpy would read ``-1`` as "the rest of the data"),
+    one over ``MAX_DIM``, or a product (zeros counted as ones) over ``max_elements``, is 413."""
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise CodecError(f"{field}: the .npy header states the shape {_short(shape)}, with a "
+                             "dimension that is not a non-negative integer; send the bytes numpy.save "
+                             "writes for a real array")
+    for d in shape:
+        if d > MAX_DIM:
+            raise CodecError(f"{field}: the .npy header states a dimension over {MAX_DIM} in the shape "
+                             f"{_short(shape)}; send a smaller array (at most {max_elements} elements)",
+                             413, "array_too_large")
+    # At most MAX_DIMS factors of at most 2**31: an exact Python int. Zeros count as ones, so an
+    # empty array cannot announce a shape numpy itself refuses ((2**31, 2**31, 0) fails reshape).
+    extent = math.prod(max(d, 1) for d in shape)
+    if extent > max_elements:
+        raise _too_large(field, extent, max_elements)
+    return math.prod(shape)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "<a shape too long to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def decode_npy(data: bytes, field: str, max_elements: int) -> np.ndarray:
     """A ``.npy`` file: header checked first, then exactly the data it announces."""
     f = io.BytesIO(data)
@@ -108,9 +140,7 @@ def decode_npy(data: bytes, field: str, max_elements: int) -> np.ndarray:
                          "array (never object or structured dtypes)")
     if len(shape) > MAX_DIMS:
         raise CodecError(f"{field}: {len(shape)} dimensions; send at most {MAX_DIMS}")
-    count = math.prod(shape)
-    if count > max_elements:
-        raise _too_large(field, count, max_elements)
+    count = _checked_count(shape, field, max_elements)
     need = count * dtype.itemsize
     body = data[f.tell():]
     if len(body) < need:
@@ -140,10 +170,13 @@ def decode_png(data: bytes, field: str, max_elements: int) -> np.ndarray:
 
     try:
         im = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Image.DecompressionBombError:  # Pillow's own guard: a header announcing >178M pixels
+        raise CodecError(f"{field}: the PNG header announces an image far over the limit of "
+                         f"{max_elements} elements; send a smaller image", 413, "array_too_large") from None
     except Exception:
         raise CodecError(f"{field}: not a valid PNG image; send a PNG file, base64") from None
     w, h = im.size
-    bands = len(im.getbands())
+    bands = 3 if im.mode == "P" else len(im.getbands())  # a palette image becomes RGB below
     if w * h * bands > max_elements:
         raise _too_large(field, w * h * bands, max_elements)
     try:

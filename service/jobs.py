@@ -5,8 +5,9 @@ queued job *compatible* with it (up to ``max_batch`` jobs and ``max_batch_rows``
 same model, same method with the same resolved configuration (hence the same schedule),
 same ``noise_sigma``, same PDE block, and operators of the same kind, observation shape and
 structure (linearity, ``A A^T`` constant, channel separability; for projection ALD, which
-works in the operator's SVD basis, operators with an SVD must be identical). The jobs' network-space observations are concatenated along the batch,
-a ``BatchedOperator`` applies each job's own operator to its slice of the batch, and the
+works in the operator's SVD basis, operators with an SVD must be identical). The jobs'
+network-space observations are concatenated along the batch,
+``guidance.driver.sample_batch`` applies each job's own operator to its slice of the batch, and the
 sampler runs once with a ``SplitGenerator`` (each job's own seeded stream): one network call
 per step serves every job, and each job draws exactly the noise it would draw alone (its samples
 agree with a lone run bit for bit for float64 models, and to float32 rounding of the network
@@ -33,16 +34,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from sqlalchemy.exc import IntegrityError
 
-from guidance.core import DivergedError, SplitGenerator
-from guidance.registry import METHODS
-from guidance.solve import Plan, PosteriorStats, finish, network_problem
-from models.denoiser import CountingDenoiser
+from guidance.core import DivergedError
+from guidance.driver import BatchItem, sample_batch
+from guidance.solve import Plan, PosteriorStats, finish
 from operators.base import Operator
 
 from .errors import ApiError, scrub
 from .metrics import ServiceMetrics
+from .render import observation_view
 from .schemas import TERMINAL
+from .store import JobRecord, JobStore, StoredResult
 
 log = logging.getLogger("reconserve.jobs")
 
@@ -98,6 +101,13 @@ class Problem:
     returns: tuple[str, ...]
     svd_available: bool = False
     completion: str = "auto"
+    cost: float = 0.0  # admission cost (prepare.job_cost)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the queued problem holds in arrays (observation and operator arrays)."""
+        return int(self.y.numel() * self.y.element_size()) + sum(
+            int(v.numel() * v.element_size()) for v in vars(self.operator).values() if isinstance(v, torch.Tensor))
 
     @property
     def model_id(self) -> str:
@@ -112,115 +122,6 @@ class Problem:
                 type(op).__name__,
                 # projection ALD works in the operator's SVD basis: only identical operators share it
                 self.operator_digest if self.svd_available and self.plan.name == "ald" else None)
-
-
-# ----------------------------------------------------------------------------- batched operator
-class Unbatchable(RuntimeError):
-    """The sampler needs something a mixed batch cannot give; its jobs run alone instead."""
-
-
-class BatchedOperator(Operator):
-    """Several jobs' operators side by side: job ``j`` owns rows ``counts[:j].sum()`` onward.
-
-    Every method applies each job's operator to its own slice of the batch (so each job sees
-    exactly what it would see alone). A batch of one row is broadcast: each operator is
-    applied to it and the result repeated over its job's rows (``channel_masks`` probes the
-    operator that way). ``svd()`` is the shared SVD when all operators are identical, else None.
-    """
-
-    def __init__(self, ops: list[Operator], counts: list[int], shared_svd: bool = False):
-        first = ops[0]
-        super().__init__(first.in_shape)
-        self.ops, self.counts, self.total = ops, list(counts), int(sum(counts))
-        self.linear = first.linear  # type: ignore[misc]
-        self.kind = first.kind  # type: ignore[misc]
-        self.channel_separable = first.channel_separable
-        self.row_gram = getattr(first, "row_gram", None)
-        self._shared_svd = shared_svd
-
-    @property
-    def obs_shape(self):
-        return self.ops[0].obs_shape
-
-    def _split(self, arg):
-        if isinstance(arg, torch.Tensor) and arg.dim() >= 1 and arg.shape[0] == self.total:
-            return list(torch.split(arg, self.counts))
-        return [arg] * len(self.ops)
-
-    def _map(self, name: str, x: torch.Tensor, *rest):
-        b = x.shape[0]
-        if b == 1 and self.total != 1 and not any(
-                isinstance(r, torch.Tensor) and r.dim() >= 1 and r.shape[0] == self.total for r in rest):
-            outs = [getattr(op, name)(x, *rest) for op in self.ops]
-            return torch.cat([o.expand((n,) + tuple(o.shape[1:])) for o, n in zip(outs, self.counts)])
-        if b == 1 and self.total != 1:
-            x = x.expand((self.total,) + tuple(x.shape[1:]))
-        elif b != self.total:
-            raise ValueError(f"batched operator got a batch of {b}, expected {self.total} or 1")
-        parts = [self._split(a) for a in (x, *rest)]
-        return torch.cat([getattr(op, name)(*(p[i] for p in parts)) for i, op in enumerate(self.ops)])
-
-    def forward(self, x):
-        return self._map("forward", x)
-
-    __call__ = forward
-
-    def adjoint(self, y):
-        return self._map("adjoint", y)
-
-    def normal(self, x):
-        return self._map("normal", x)
-
-    def pseudo_inverse(self, y):
-        return self._map("pseudo_inverse", y)
-
-    def project(self, x, y):
-        return self._map("project", x, y)
-
-    def prox(self, z, y, rho):
-        return self._map("prox", z, y, rho)
-
-    def residual(self, x):
-        return self._map("residual", x)
-
-    def svd(self):
-        if self._shared_svd:
-            return self.ops[0].svd()
-        if all(op.svd() is None for op in self.ops):
-            return None
-        # different operators with their own SVDs: no one basis serves the batch
-        raise Unbatchable("the batch's operators have different SVDs")
-
-
-def run_batch(problems: list[Problem], device: str | torch.device = "cpu",
-              callback: Callable[[dict], None] | None = None):
-    """One sampler run for compatible problems. Returns ``(per-problem physical samples
-    [K_j, C, H, W] float64, network calls, seconds)``; the same as ``guidance.solve.solve`` for
-    each problem alone."""
-    p0 = problems[0]
-    model, plan = p0.model, p0.plan
-    ops, ys, pde_net = [], [], None
-    for i, p in enumerate(problems):
-        y = p.y.to(device=device, dtype=torch.float64)
-        op, y_net, pde_j = network_problem(model, p.operator, y[None], p.pde)
-        ops.append(op)
-        ys.append(y_net.expand((p.num_samples,) + tuple(y_net.shape[1:])))
-        if i == 0:
-            pde_net = pde_j
-    counts = [p.num_samples for p in problems]
-    operator = ops[0] if len(problems) == 1 else BatchedOperator(
-        ops, counts, shared_svd=len({p.operator_digest for p in problems}) == 1)
-    y_all = torch.cat(ys).clone()
-    den = CountingDenoiser(model.denoiser)
-    gen = SplitGenerator([(torch.Generator(device="cpu").manual_seed(int(p.seed)), p.num_samples)
-                          for p in problems])
-    t0 = time.perf_counter()
-    x = METHODS[plan.name].sampler(den, operator, y_all, plan.sigmas.to(device), config=plan.config,
-                                   generator=gen, callback=callback, noise_sigma=float(p0.noise_sigma),
-                                   pde=pde_net)
-    elapsed = time.perf_counter() - t0
-    x_phys = ops[0].to_physical(x.detach())
-    return list(torch.split(x_phys, counts)), den.nfe, elapsed
 
 
 def finish_problem(p: Problem, x_phys: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -238,33 +139,49 @@ class JobResult(PosteriorStats):
     elapsed_s: float
     batched_with: int
     method: dict
+    observation_view: np.ndarray | None = None  # what result.png shows as the observation
     _encoded: dict = field(default_factory=dict)
+
+    def meta(self) -> dict:
+        return {"metrics": self.metrics, "nfe": self.nfe, "elapsed_s": self.elapsed_s,
+                "batched_with": self.batched_with, "method": self.method}
+
+    @property
+    def nbytes(self) -> int:
+        return self.samples.nbytes + (self.observation_view.nbytes if self.observation_view is not None else 0)
 
 
 class Job:
-    def __init__(self, problem: Problem, deadline_s: float):
-        self.id = uuid.uuid4().hex
-        self.problem = problem
-        self.status = "queued"
-        self.step, self.total = 0, int(problem.plan.config.steps)
-        self.created_at, self.started_at, self.finished_at = now_iso(), None, None
-        self.created_mono = time.monotonic()
-        self.started_mono: float | None = None
-        self.finished_mono: float | None = None
-        self.deadline = self.created_mono + deadline_s
-        self.error: dict | None = None
-        self.result: JobResult | None = None
-        self.cancel_requested = False
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        self._listeners: set = set()
-        self._last_progress = 0.0
+    """A job as the service sees it. Queued and running jobs hold their ``problem``; finished
+    ones hold their result (read back from the store on demand)."""
 
-    # -- notification of async waiters (SSE, synchronous reconstruct)
     #: Progress wake-ups per listener are at most this frequent: waking an event loop on every
     #: step makes it fight the worker for the GIL (steps of a few ms would take ten times longer).
     PROGRESS_INTERVAL_S = 0.1
 
+    def __init__(self, record: JobRecord, problem: Problem | None = None, deadline_s: float = math.inf):
+        self.id = record.id
+        self.problem = problem
+        self.model_id, self.method, self.seed = record.model, record.method, int(record.seed)
+        self.num_samples, self.cost = int(record.num_samples), float(record.cost)
+        self.returns = problem.returns if problem is not None else tuple(record.request.get("return") or ("mean", "std"))
+        self.status, self.step, self.total = record.status, int(record.step), int(record.total)
+        self.created_at, self.started_at, self.finished_at = record.created_at, record.started_at, record.finished_at
+        self.error = record.error
+        self.result_meta = record.result
+        self.result: JobResult | None = None
+        self.deadline = time.time() + deadline_s
+        self.started_mono: float | None = None
+        self.cancel_requested = record.status == "cancelling"
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if self.terminal:
+            self.done.set()
+        self._listeners: set = set()
+        self._last_progress = 0.0
+        self._persisted_progress = 0.0
+
+    # -- notification of async waiters (SSE, synchronous reconstruct)
     def subscribe(self, loop, event, progress: bool = True) -> None:
         """``event`` is set (thread-safely, on ``loop``) when the job finishes, and on progress
         (throttled) if ``progress``."""
@@ -277,7 +194,7 @@ class Job:
         with self.lock:
             self._listeners.discard((loop, event, progress))
 
-    def _notify(self, progress: bool = False) -> None:
+    def notify(self, progress: bool = False) -> None:
         now = time.monotonic()
         with self.lock:
             if progress:
@@ -297,37 +214,52 @@ class Job:
 
     def status_dict(self) -> dict:
         with self.lock:
-            p = self.problem
+            batched = self.result_meta.get("batched_with") if self.result_meta else None
             return {"id": self.id, "status": self.status,
                     "progress": {"step": self.step, "total": self.total},
                     "created_at": self.created_at, "started_at": self.started_at,
                     "finished_at": self.finished_at, "error": dict(self.error) if self.error else None,
-                    "model": p.model_id, "method": p.plan.name, "num_samples": p.num_samples,
-                    "batched_with": self.result.batched_with if self.result else None}
+                    "model": self.model_id, "method": self.method, "num_samples": self.num_samples,
+                    "batched_with": batched}
 
 
-class QueueFull(ApiError):
-    pass
+@dataclass
+class Reservation:
+    """Room in the queue, held from admission until the job is queued (or refused)."""
+
+    cost: float
+    nbytes: int
+    held: bool = True
 
 
 class _BatchStopped(Exception):
-    """Raised from the callback when no job of the batch is left (all cancelled/expired)."""
+    """Raised from the callback when no job of the batch is left (all cancelled, expired or
+    put back in the queue for a shutdown)."""
+
+
+#: Throughput assumed (pixel-evaluations per second) until a batch has been measured.
+INITIAL_THROUGHPUT = 2e5
 
 
 class JobManager:
-    """Bounded queue plus one worker thread (for one device) that batches compatible jobs."""
+    """The queue (bounded by count, cost and bytes), one worker thread (for one device) that
+    batches compatible jobs, and retention; every state change is written to ``store`` first."""
 
-    def __init__(self, settings, metrics: ServiceMetrics | None = None):
-        self.settings = settings
+    def __init__(self, settings, store: JobStore, metrics: ServiceMetrics | None = None):
+        self.settings, self.store = settings, store
         self.device = settings.device
         self.metrics = metrics or ServiceMetrics()
         self._queue: collections.deque[Job] = collections.deque()
-        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._active: dict[str, Job] = {}  # queued and running
+        self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()  # finished, in memory
         self._cond = threading.Condition()
-        self._stop = False
-        self._paused = False
+        self._reserved = {"count": 0, "cost": 0.0, "bytes": 0}
+        self._stop = self._draining = self._paused = False
         self._thread: threading.Thread | None = None
+        self._timer: threading.Thread | None = None
         self._running: list[Job] = []
+        self._throughput: float | None = None
+        self.preparations = threading.BoundedSemaphore(settings.max_preparations)
         self.metrics.queue_depth.set_function(lambda: len(self._queue))
         self.metrics.running.set_function(lambda: len(self._running))
 
@@ -335,26 +267,39 @@ class JobManager:
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name=f"reconserve-worker-{self.device}",
-                                        daemon=True)
+        self._stop = self._draining = False
+        self._thread = threading.Thread(target=self._loop, name=f"reconserve-worker-{self.device}", daemon=True)
         self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stop = True
-            queued = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for job in queued:
-            self._finish(job, "cancelled", {"code": "shutting_down",
-                                            "message": "the server shut down before the job ran; submit it again"})
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._timer = threading.Thread(target=self._retention_loop, name="reconserve-retention", daemon=True)
+        self._timer.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop
+        """The worker thread runs (``/healthz`` fails otherwise, so the process is restarted)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting; the running batch stops at its next step and its jobs go back to
+        ``queued`` (in the store, for the next start); waiters are woken."""
+        with self._cond:
+            self._draining = True
+            jobs = list(self._active.values())
+            self._cond.notify_all()
+        for job in jobs:
+            job.notify()
+
+    def stop(self, timeout: float = 8.0) -> None:
+        self.begin_shutdown()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in (self._thread, self._timer):
+            if t is not None:
+                t.join(timeout)
 
     def pause(self) -> None:
         """Stop taking jobs from the queue (the running batch goes on)."""
@@ -366,109 +311,266 @@ class JobManager:
             self._paused = False
             self._cond.notify_all()
 
-    # ------------------------------------------------------------------ jobs
-    def submit(self, problem: Problem) -> Job:
-        job = Job(problem, self.settings.job_deadline_s)
+    # ------------------------------------------------------------------ admission
+    def _queued_totals(self) -> tuple[int, float, int]:
+        r = self._reserved
+        return (len(self._queue) + r["count"], sum(j.cost for j in self._queue) + r["cost"],
+                sum(j.problem.nbytes for j in self._queue) + r["bytes"])
+
+    def retry_after(self, wait_cost: float) -> int:
+        """Seconds until ``wait_cost`` pixel-evaluations of work have run, at the measured rate."""
+        rate = self._throughput or INITIAL_THROUGHPUT
+        return int(min(3600, max(1, math.ceil(wait_cost / rate))))
+
+    def _running_left(self) -> float:
+        return sum(j.cost * (1 - j.step / max(1, j.total)) for j in list(self._running))
+
+    def reserve(self, cost: float, nbytes: int) -> Reservation:
+        """Room for a job of ``cost`` holding ``nbytes``, or ``429`` (with ``Retry-After``
+        estimated from the work ahead) / ``503`` when shutting down. Cheap: call it before any
+        costly preparation."""
+        s = self.settings
         with self._cond:
-            if self._stop:
-                raise ApiError(503, "not_ready", "the server is shutting down; retry in a moment")
-            if len(self._queue) >= self.settings.queue_size:
+            if self._draining:
+                raise shutting_down_error()
+            count, queued_cost, queued_bytes = self._queued_totals()
+            why = None
+            if count >= s.queue_size:
+                why, wait = f"the queue is full ({s.queue_size} jobs waiting)", self._running_left()
+            elif count and queued_cost + cost > s.max_queued_cost:
+                why = f"the queue holds {queued_cost:.3g} of {s.max_queued_cost:.3g} pixel-evaluations of work"
+                wait = self._running_left() + queued_cost + cost - s.max_queued_cost
+            elif count and queued_bytes + nbytes > s.max_queued_bytes:
+                why = f"the queued requests hold {queued_bytes} of {s.max_queued_bytes} bytes"
+                wait = self._running_left() + (self._queue[0].cost if self._queue else 0.0)
+            if why:
                 self.metrics.rejected.inc()
-                raise QueueFull(429, "queue_full",
-                                f"the queue is full ({self.settings.queue_size} jobs waiting); "
-                                f"retry after {self.settings.retry_after_s} s",
-                                headers={"Retry-After": str(self.settings.retry_after_s)})
-            self._evict()
-            self._jobs[job.id] = job
-            self._queue.append(job)
-            self.metrics.submitted.inc()
-            self._cond.notify_all()
-        return job
+                after = self.retry_after(wait)
+                raise ApiError(429, "queue_full", f"{why}; retry after {after} s",
+                               headers={"Retry-After": str(after)})
+            self._reserved["count"] += 1
+            self._reserved["cost"] += cost
+            self._reserved["bytes"] += nbytes
+        return Reservation(cost, nbytes)
+
+    def release(self, r: Reservation) -> None:
+        with self._cond:
+            self._release(r)
+
+    def _release(self, r: Reservation) -> None:
+        if r.held:
+            r.held = False
+            self._reserved["count"] -= 1
+            self._reserved["cost"] -= r.cost
+            self._reserved["bytes"] -= r.nbytes
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, problem: Problem, reservation: Reservation, request: dict, arrays: dict,
+               idempotency_key: str | None = None, body_digest: str | None = None) -> tuple[Job, bool]:
+        """Persist the job (durable when this returns), then queue it. Returns ``(job, new)``;
+        ``new`` is False when ``idempotency_key`` already named a job (that job is returned)."""
+        record = JobRecord(
+            id=uuid.uuid4().hex, status="queued", model=problem.model_id, method=problem.plan.name,
+            num_samples=problem.num_samples, seed=problem.seed, step=0, total=int(problem.plan.config.steps),
+            created_at=now_iso(), started_at=None, finished_at=None, created_ts=time.time(), finished_ts=None,
+            request=request, error=None, result=None, bytes=0, cost=problem.cost,
+            idempotency_key=idempotency_key, body_digest=body_digest)
+        try:
+            self.store.insert(record, arrays)
+        except IntegrityError:
+            self.release(reservation)
+            existing = self.by_key(idempotency_key) if idempotency_key else None
+            if existing is None:  # pragma: no cover - the key's job expired in between
+                raise
+            return existing, False
+        except Exception:
+            self.release(reservation)
+            raise
+        job = Job(record, problem, self.settings.job_deadline_s)
+        with self._cond:
+            self._release(reservation)
+            self._enqueue(job)
+        self.metrics.submitted.inc()
+        return job, True
+
+    def _enqueue(self, job: Job) -> None:
+        self._active[job.id] = job
+        self._queue.append(job)
+        self._cond.notify_all()
+
+    def by_key(self, key: str) -> Job | None:
+        rec = self.store.find_key(key)
+        return self.get(rec.id) if rec is not None else None
 
     def get(self, job_id: str) -> Job | None:
+        """The job (``status == "expired"`` past retention), or None if the store never saw it."""
         with self._cond:
-            return self._jobs.get(job_id)
+            job = self._active.get(job_id) or self._recent.get(job_id)
+        if job is not None:
+            return job
+        if not (isinstance(job_id, str) and len(job_id) == 32 and job_id.isalnum()):
+            return None
+        rec = self.store.get(job_id)
+        return Job(rec) if rec is not None else None
+
+    def result_of(self, job: Job) -> JobResult:
+        """The result of a succeeded job, read back from the store if not in memory."""
+        if job.result is None:
+            stored = self.store.load_result(job.id)
+            if stored is None:  # expired between the lookup and now
+                raise ApiError(410, "expired", "the job's result has expired; submit the job again")
+            m = job.result_meta or {}
+            job.result = JobResult(stored.samples, m.get("metrics", {}), m.get("nfe", 0), m.get("elapsed_s", 0.0),
+                                   m.get("batched_with", 1), m.get("method", {}), stored.observation_view)
+        return job.result
 
     def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job at once; a running one becomes ``cancelling`` until its step ends."""
         with self._cond:
-            job = self._jobs.get(job_id)
+            job = self._active.get(job_id)
             if job is None:
-                return None
+                return self.get(job_id)
             queued = job in self._queue
             if queued:
                 self._queue.remove(job)
             job.cancel_requested = True
         if queued:
             self._finish(job, "cancelled", _cancelled_error())
+        elif not job.terminal:
+            with job.lock:
+                job.status = "cancelling"
+            self._store("update", job.id, status="cancelling")
+            job.notify()
         return job
 
-    def queue_depth(self) -> int:
-        return len(self._queue)
+    def recover(self, rebuild: Callable[[JobRecord, dict], Problem]) -> int:
+        """Queue again every job a previous process accepted and did not finish (oldest first),
+        rebuilt from its stored request by ``rebuild(record, files)``; it runs from the start with
+        its own seed, so its result is the one an uninterrupted run gives. Returns the count."""
+        count = 0
+        for rec in self.store.unfinished():
+            if rec.status == "cancelling":
+                self.store.finish(rec.id, status="cancelled", finished_at=now_iso(), error=_cancelled_error())
+                continue
+            try:
+                problem = rebuild(rec, self.store.load_request_files(rec))
+            except Exception as e:  # noqa: BLE001 - e.g. its model is no longer served
+                msg = e.message if isinstance(e, ApiError) else scrub(str(e), 300)
+                self.store.finish(rec.id, status="failed", finished_at=now_iso(), error={
+                    "code": "unrecoverable", "message": f"the job could not be resumed after a restart: {msg}"})
+                continue
+            self.store.update(rec.id, status="queued", started_at=None, step=0)
+            rec.status, rec.step, rec.started_at = "queued", 0, None
+            with self._cond:
+                self._enqueue(Job(rec, problem, self.settings.job_deadline_s))
+            count += 1
+        if count:
+            log.info("recovered %d unfinished jobs from the store", count)
+        return count
 
-    def _evict(self) -> None:
-        """Forget finished jobs past their time to live, then the oldest finished ones while
-        there are more than ``max_jobs_kept`` jobs or their results exceed ``max_result_bytes``
-        (lock held)."""
-        now = time.monotonic()
-        ttl, cap = self.settings.result_ttl_s, self.settings.max_jobs_kept
-        finished = [j for j in self._jobs.values() if j.terminal]
-        for j in finished:
-            if now - (j.finished_mono or now) > ttl:
-                self._jobs.pop(j.id, None)
-        finished = [j for j in finished if j.id in self._jobs]
-        size = sum(j.result.samples.nbytes for j in finished if j.result is not None)
-        count = len(self._jobs)
-        for j in finished:
-            if count < cap and size <= self.settings.max_result_bytes:
-                break
-            self._jobs.pop(j.id)
-            count -= 1
-            size -= j.result.samples.nbytes if j.result is not None else 0
+    # ------------------------------------------------------------------ retention
+    def expire(self) -> list[str]:
+        s = self.settings
+        gone = self.store.expire(ttl_s=s.result_ttl_s, max_jobs=s.max_jobs_kept, max_bytes=s.max_result_bytes)
+        with self._cond:
+            for job_id in gone:
+                job = self._recent.pop(job_id, None)
+                if job is not None:
+                    job.status = "expired"
+        return gone
+
+    def _retention_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop, timeout=self.settings.retention_interval_s)
+                if self._stop:
+                    return
+            try:
+                self.expire()
+            except Exception:  # noqa: BLE001 - retention retries at its next tick
+                log.exception("retention failed")
+
+    def _remember(self, job: Job) -> None:
+        """Keep a finished job in memory (a bounded few; the store has them all)."""
+        with self._cond:
+            self._active.pop(job.id, None)
+            self._recent[job.id] = job
+            while len(self._recent) > RECENT_JOBS or sum(
+                    j.result.nbytes for j in self._recent.values() if j.result is not None) > RECENT_BYTES:
+                self._recent.popitem(last=False)
 
     # ------------------------------------------------------------------ state changes
-    def _finish(self, job: Job, status: str, error: dict | None = None, result: JobResult | None = None):
+    def _store(self, what: str, *args, **kwargs) -> bool:
+        """A store write from the worker; on failure the job is left for recovery, never lost."""
+        try:
+            getattr(self.store, what)(*args, **kwargs)
+            return True
+        except Exception:  # noqa: BLE001
+            log.exception("job store: %s failed", what)
+            return False
+
+    def _finish(self, job: Job, status: str, error: dict | None = None, result: JobResult | None = None) -> bool:
         with job.lock:
             if job.status in TERMINAL:
                 return False
+        finished_at = now_iso()
+        stored = StoredResult(result.samples, result.observation_view, result.meta()) if result is not None else None
+        self._store("finish", job.id, status=status, finished_at=finished_at, error=error, result=stored,
+                    step=job.total if status == "succeeded" else None)
+        with job.lock:
             job.status, job.error, job.result = status, error, result
-            job.finished_at, job.finished_mono = now_iso(), time.monotonic()
+            job.result_meta = result.meta() if result is not None else None
+            job.finished_at = finished_at
             if status == "succeeded":
                 job.step = job.total
-        if job.problem.operator.kind == "compressed_sensing":
-            # its matrix may be hundreds of MB: not kept with the finished job (result.png then
-            # leaves the observation panel blank)
-            job.problem.operator = None
+        problem, job.problem = job.problem, None  # the operator may be large; the result has what is shown
         self.metrics.finished.labels(status).inc()
-        if job.started_mono is not None:
-            self.metrics.duration.labels(job.problem.model_id, job.problem.plan.name).observe(
-                job.finished_mono - job.started_mono)
+        if job.started_mono is not None and problem is not None:
+            self.metrics.duration.labels(job.model_id, job.method).observe(time.monotonic() - job.started_mono)
+        self._remember(job)
         job.done.set()
-        job._notify()
+        job.notify()
         return True
 
-    def _expire_or_cancel(self, job: Job) -> bool:
-        """Finish ``job`` if it was cancelled or is past its deadline; True if it did."""
-        if self._stop:
-            return self._finish(job, "cancelled", {"code": "shutting_down",
-                                                   "message": "the server shut down; submit the job again"}) or True
+    def _requeue(self, jobs: list[Job]) -> None:
+        """Put interrupted jobs back in the queue (shutdown): they rerun from the start."""
+        for job in jobs:
+            if job.terminal:
+                continue
+            self._store("update", job.id, status="cancelling" if job.cancel_requested else "queued",
+                        started_at=None, step=0)
+            with job.lock:
+                job.status = "cancelling" if job.cancel_requested else "queued"
+                job.started_at, job.step = None, 0
+            with self._cond:
+                self._queue.appendleft(job)
+            job.notify()
+
+    def _check(self, job: Job) -> str | None:
+        """``"stop"`` if ``job`` must leave its batch now (finished as cancelled or expired),
+        ``"requeue"`` when shutting down, else None."""
+        if self._draining:
+            return "requeue"
         if job.cancel_requested:
-            return self._finish(job, "cancelled", _cancelled_error()) or True
-        if time.monotonic() > job.deadline:
-            return self._finish(job, "failed", {
+            self._finish(job, "cancelled", _cancelled_error())
+            return "stop"
+        if time.time() > job.deadline:
+            self._finish(job, "failed", {
                 "code": "deadline_exceeded",
                 "message": f"the job did not finish within {self.settings.job_deadline_s:g} s of its "
-                           "submission; send fewer steps or samples, or retry when the queue is shorter"}) or True
-        return False
+                           "submission; send fewer steps or samples, or retry when the queue is shorter"})
+            return "stop"
+        return None
 
     # ------------------------------------------------------------------ worker
     def _gather(self, batch: list[Job]) -> None:
         """Move queued jobs compatible with ``batch[0]`` into ``batch`` (lock held)."""
         key = batch[0].problem.batch_key()
-        rows = sum(j.problem.num_samples for j in batch)
+        rows = sum(j.num_samples for j in batch)
         for job in list(self._queue):
             if len(batch) >= self.settings.max_batch:
                 break
-            n = job.problem.num_samples
+            n = job.num_samples
             if rows + n > self.settings.max_batch_rows or job.cancel_requested:
                 continue
             if job.problem.batch_key() == key:
@@ -478,15 +580,15 @@ class JobManager:
 
     def _take(self) -> list[Job] | None:
         with self._cond:
-            while not self._stop and (self._paused or not self._queue):
+            while not self._draining and (self._paused or not self._queue):
                 self._cond.wait()
-            if self._stop:
+            if self._draining:
                 return None
             batch = [self._queue.popleft()]
             if self.settings.max_batch > 1:
                 self._gather(batch)
                 end = time.monotonic() + self.settings.batch_window_ms / 1000.0
-                while len(batch) < self.settings.max_batch and not self._stop:
+                while len(batch) < self.settings.max_batch and not self._draining:
                     left = end - time.monotonic()
                     if left <= 0:
                         break
@@ -498,35 +600,42 @@ class JobManager:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            batch = self._take()
-            if batch is None:
-                return
+            batch: list[Job] = []
             try:
+                batch = self._take() or []
+                if not batch:
+                    return
                 self._execute(batch)
-            except Exception:  # never let the worker die
+            except Exception:  # noqa: BLE001 - never let the worker die
                 log.exception("worker: unexpected error")
                 for job in batch:
-                    self._finish(job, "failed", {"code": "reconstruction_failed",
-                                                 "message": "the reconstruction failed unexpectedly; "
-                                                            "try other method parameters"})
+                    if not job.terminal:
+                        self._finish(job, "failed", {"code": "reconstruction_failed",
+                                                     "message": "the reconstruction failed unexpectedly; "
+                                                                "try other method parameters"})
             finally:
+                left = [j for j in batch if not j.terminal]
+                if left and self._draining:
+                    self._requeue(left)
                 self._running = []
 
     def _execute(self, batch: list[Job]) -> None:
-        live = [j for j in batch if not self._expire_or_cancel(j)]
+        live = [j for j in batch if self._check(j) is None]
         if not live:
             return
+        started = now_iso()
         for job in live:
+            self._store("update", job.id, status="running", started_at=started, step=0)
             with job.lock:
-                job.status, job.started_at, job.started_mono = "running", now_iso(), time.monotonic()
-                job.step = 0
-            job._notify()
+                job.status, job.started_at, job.step = "running", started, 0
+                job.started_mono = time.monotonic()
+            job.notify()
         if len(live) == 1:
             self._run(live)
             return
         failed = self._run(live, isolate=True)
         for job in failed:  # a batch failed: rerun each job alone so only the culprit fails
-            if not self._expire_or_cancel(job):
+            if self._check(job) is None:
                 with job.lock:
                     job.step = 0
                 self._run([job])
@@ -537,20 +646,28 @@ class JobManager:
 
         def callback(info: dict) -> None:
             step, total = int(info["i"]) + 1, int(info["total"])
+            now = time.monotonic()
             for job in list(active.values()):
-                if self._expire_or_cancel(job):
+                if self._check(job) is not None:
                     del active[job.id]
                     continue
                 with job.lock:
                     job.step, job.total = step, total
-                job._notify(progress=True)
+                if now - job._persisted_progress > PROGRESS_PERSIST_S:
+                    job._persisted_progress = now
+                    self._store("update", job.id, step=step, total=total)
+                job.notify(progress=True)
             if not active:
                 raise _BatchStopped()
 
         problems = [j.problem for j in jobs]
+        p0 = problems[0]
+        items = [BatchItem(p.operator, p.y, p.num_samples, p.seed) for p in problems]
         try:
             with torch.no_grad():
-                xs, nfe, elapsed = run_batch(problems, self.device, callback)
+                xs, nfe, elapsed = sample_batch(
+                    p0.model, p0.plan, items, noise_sigma=p0.noise_sigma, pde=p0.pde, device=self.device,
+                    shared_svd=len({p.operator_digest for p in problems}) == 1, callback=callback)
         except _BatchStopped:
             return []
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's error
@@ -561,6 +678,7 @@ class JobManager:
             for job in left:
                 self._finish(job, "failed", _error_of(e))
             return []
+        self._measured(sum(j.cost for j in jobs), elapsed)
         self.metrics.batches.inc()
         self.metrics.nfe.labels(problems[0].model_id).inc(nfe)
         if len(jobs) > 1:
@@ -575,12 +693,30 @@ class JobManager:
                 if not np.isfinite(samples).all():
                     raise DivergedError("the reconstruction has non-finite values; lower the guidance "
                                         "weight or use more steps")
+                view = observation_view(job.problem)
             except Exception as e:  # noqa: BLE001
                 self._finish(job, "failed", _error_of(e))
                 continue
             self._finish(job, "succeeded", result=JobResult(
-                samples, metrics, nfe, elapsed, len(jobs), job.problem.plan.describe()))
+                samples, metrics, nfe, elapsed, len(jobs), job.problem.plan.describe(),
+                None if view is None else view.astype(np.float32)))
         return []
+
+    def _measured(self, cost: float, elapsed: float) -> None:
+        if elapsed > 0:
+            rate = cost / elapsed
+            self._throughput = rate if self._throughput is None else 0.7 * self._throughput + 0.3 * rate
+
+
+#: Progress is written to the store at most this often per job (seconds).
+PROGRESS_PERSIST_S = 2.0
+#: Finished jobs kept in memory (the store has them all).
+RECENT_JOBS, RECENT_BYTES = 64, 256 * 1024**2
+
+
+def shutting_down_error() -> ApiError:
+    return ApiError(503, "shutting_down", "the server is shutting down; queued jobs resume when it "
+                    "restarts; retry in a few seconds", headers={"Retry-After": "5"})
 
 
 def _cancelled_error() -> dict:

@@ -1,20 +1,29 @@
 """From a parsed request body to a validated ``Problem``: every check that answers 404/413/422.
 
-Order: unknown operator kind / method (404), the body's structure (422), unknown model (404),
-limits on steps and samples (422), arrays (413/422), the operator against the model's shape
-(422), the observation against the operator (422), the PDE block and method parameters (422).
+Two phases, so that the queue is asked for room before any costly work (API.md "Admission"):
+
+- ``admit`` (cheap, no array is decoded): unknown operator kind / method (404), the body's
+  structure (422), unknown model (404), limits on steps and samples, the method's parameters
+  and its cost (422).
+- ``build`` (costly): arrays (413/422), the operator against the model's shape (422), the
+  observation against the operator (422), the PDE block (422). It also returns the decoded
+  arrays and the request with ``{"file": name}`` in their place: what the job store keeps, and
+  what ``prepare`` rebuilds the same problem from after a restart.
 """
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
+
+import numpy as np
 
 import torch
 from pydantic import ValidationError
 
 from guidance.registry import METHODS
-from guidance.solve import plan_method
+from guidance.solve import Plan, plan_method
 from operators.spec import OPERATORS, OperatorSpecError, UnknownKindError, build_pde, validate_operator_spec
 
 from .codecs import CodecError, decode_array, is_encoded
@@ -86,31 +95,46 @@ def precheck_kinds(body: Any) -> None:
                        f"method.name is not a known method; send one of {sorted(METHODS)} (GET /v1/methods)")
 
 
-def _decode_operator(spec: dict, settings, files) -> dict:
+def _decode_operator(spec: dict, settings, files, arrays: dict) -> dict:
+    """The operator spec with its arrays decoded (each also put in ``arrays`` as ``operator.<k>``)."""
     out = {}
     for k, v in spec.items():
-        if k in ARRAY_FIELDS or is_encoded(v):
-            if v is None:
-                out[k] = v
-                continue
+        if v is not None and (k in ARRAY_FIELDS or is_encoded(v)):
             try:
                 out[k], _ = decode_array(v, f"operator.{k}", max_elements=settings.max_array_elements,
                                          files=files)
             except CodecError as e:
                 raise _codec(e) from None
+            arrays[f"operator.{k}"] = out[k]
         else:
             out[k] = v
     return out
 
 
-def _nfe_estimate(name: str, cfg) -> int:
-    per_step = METHODS[name].nfe_per_step(cfg)
-    return int(cfg.steps) * int(per_step) + int(getattr(cfg, "final_corrector_steps", 0) or 0)
+def job_cost(plan: Plan, num_samples: int, shape) -> float:
+    """Admission cost: network evaluations of one pixel (a backprop counts as two) for the run."""
+    c = plan.config.cost()
+    return float((c.network_calls + 2 * c.backprops) * int(num_samples) * math.prod(shape))
 
 
-def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
-            files: Mapping[str, bytes] | None = None) -> Problem:
-    """Validate a request body into a ``Problem`` or raise ``ApiError``."""
+@dataclass
+class Admission:
+    """A request checked for all that is cheap to check; its cost is known."""
+
+    body: dict
+    model: Any  # models.checkpoint.LoadedModel
+    shape: tuple
+    plan: Plan
+    num_samples: int
+    seed: int
+    noise_sigma: float
+    returns: tuple
+    completion: str
+    cost: float
+
+
+def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admission:
+    """The cheap checks (no array decoded, no operator built): an ``Admission`` or ``ApiError``."""
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the body must be a JSON object; send "
                        '{"model": ..., "operator": {...}, "observation": ..., ...} as in API.md')
@@ -120,17 +144,12 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
     except ValidationError as e:
         raise ApiError(422, "invalid_request", validation_message(e)) from None
 
-    # ---- model and limits
     model = models.get(req.model)
     if model is None:
         raise ApiError(404, "unknown_model", f"model is not a known model id; send one of {sorted(models)} "
                        "(GET /v1/models)")
     card = model.card
     shape = tuple(int(s) for s in card["shape"])
-    steps = req.method.steps if req.method is not None else None
-    if steps is not None and steps > settings.max_steps:
-        raise ApiError(422, "invalid_request", f"method.steps: {steps} is over the limit of "
-                       f"{settings.max_steps}; send at most {settings.max_steps} steps")
     if req.num_samples > settings.max_samples:
         raise ApiError(422, "invalid_request", f"num_samples: {req.num_samples} is over the limit of "
                        f"{settings.max_samples}; send at most {settings.max_samples}")
@@ -139,13 +158,62 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
         raise ApiError(413, "too_large", f"num_samples x model size = {n_out} values is over the limit; "
                        "send fewer samples")
 
-    # ---- observation and operator
+    name = req.method.name if req.method is not None else None
+    params: dict = {}
+    if req.method is not None:
+        params = dict(req.method.model_extra or {})
+        if req.method.steps is not None:
+            params["steps"] = req.method.steps
+    if int(params.get("steps", 0) or 0) > settings.max_steps:
+        raise ApiError(422, "invalid_request", f"method.steps: {params['steps']} is over the limit of "
+                       f"{settings.max_steps}; send at most {settings.max_steps} steps")
+    try:
+        plan = plan_method(card, model.denoiser, name, params)
+    except KeyError as e:
+        raise ApiError(404, "unknown_method", str(e).strip("'\"")) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        msg = str(e).splitlines()[0][:300] if str(e) else "invalid value"
+        raise ApiError(422, "invalid_method", f"method: {msg}; see GET /v1/methods for the parameters "
+                       "and their defaults") from None
+    cfg = plan.config
+    if int(cfg.steps) > settings.max_steps:
+        raise ApiError(422, "invalid_request", f"method.steps: {cfg.steps} is over the limit of "
+                       f"{settings.max_steps}; send at most {settings.max_steps} steps")
+    calls = cfg.cost()
+    if calls.network_calls > settings.max_nfe:
+        raise ApiError(422, "invalid_method", f"method: the parameters plan {calls.network_calls} network "
+                       f"evaluations, over the limit of {settings.max_nfe}; send fewer steps or corrector steps")
+    for f_name in ("zeta_obs", "zeta"):
+        w = getattr(cfg, f_name, None)
+        if isinstance(w, tuple) and len(w) != shape[0]:
+            raise ApiError(422, "invalid_method", f"method.{f_name}: {len(w)} weights for a model with "
+                           f"{shape[0]} channels; send one number or {shape[0]} numbers")
+    cost = job_cost(plan, req.num_samples, shape)
+    if cost > settings.max_job_cost:
+        per_sample = cost / req.num_samples
+        fit = int(settings.max_job_cost // per_sample)
+        hint = (f"send at most {fit} samples" if fit >= 1 else
+                f"send fewer steps (at most about {int(cfg.steps * settings.max_job_cost / per_sample)})")
+        raise ApiError(422, "too_costly", f"the job would cost {cost:.3g} pixel-evaluations "
+                       f"({calls.network_calls} network calls and {calls.backprops} backprops per sample, "
+                       f"x {req.num_samples} samples x {math.prod(shape)} values), over the limit of "
+                       f"{settings.max_job_cost:.3g}; {hint}, or split it into several jobs")
+    return Admission(body=body, model=model, shape=shape, plan=plan, num_samples=int(req.num_samples),
+                     seed=int(req.seed), noise_sigma=float(req.noise_sigma),
+                     returns=tuple(dict.fromkeys(req.return_)), completion=req.completion, cost=cost)
+
+
+def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
+    """The costly half: ``(Problem, arrays, stored_body)``; ``stored_body`` is the request with
+    every array replaced by ``{"file": name}`` for the name it has in ``arrays``."""
+    body, card, shape, kind = adm.body, adm.model.card, adm.shape, None
+    arrays: dict[str, np.ndarray] = {}
     try:
         obs, from_image = decode_array(body["observation"], "observation",
                                        max_elements=settings.max_array_elements, files=files)
     except CodecError as e:
         raise _codec(e) from None
-    spec = _decode_operator(body["operator"], settings, files)
+    spec = _decode_operator(body["operator"], settings, files, arrays)
     try:
         kind, kwargs = validate_operator_spec(spec, shape)
         operator = OPERATORS[kind](shape, **kwargs)
@@ -161,6 +229,7 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
                        f"observation has shape {_shape(obs.shape)}, but operator {kind} on model "
                        f"{card['id']} (shape {_shape(shape)}) observes shape {_shape(obs_shape)}; "
                        f"send an observation of shape {_shape(obs_shape)}")
+    arrays["observation"] = obs
     y = torch.as_tensor(obs, dtype=torch.float64)
     if kind in ("inpainting", "mri"):
         # unobserved entries are ignored: zero them (A A^+ y), so residuals and DPS's
@@ -168,9 +237,8 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
         mask = operator.mask if kind == "inpainting" else operator.mask.expand(obs_shape)
         y = y * (mask != 0)
 
-    # ---- PDE
     pde = pde_metric = None
-    pde_spec = dict(body["pde"]) if req.pde is not None else None
+    pde_spec = dict(body["pde"]) if body.get("pde") is not None else None
     if pde_spec is not None:
         try:
             pde = build_pde(pde_spec, shape, card.get("pde"))
@@ -184,38 +252,7 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
             pde_metric = build_pde(None, shape, card["pde"])
         except (OperatorSpecError, TypeError, ValueError):
             pde_metric = None
-
-    # ---- method
-    name = req.method.name if req.method is not None else None
-    params: dict = {}
-    if req.method is not None:
-        params = {k: v for k, v in (req.method.model_extra or {}).items()}
-        if req.method.steps is not None:
-            params["steps"] = req.method.steps
-    try:
-        plan = plan_method(card, model.denoiser, name, params)
-    except KeyError as e:
-        raise ApiError(404, "unknown_method", str(e).strip("'\"")) from None
-    except (ValueError, TypeError, OverflowError) as e:
-        msg = str(e).splitlines()[0][:300] if str(e) else "invalid value"
-        raise ApiError(422, "invalid_method", f"method: {msg}; see GET /v1/methods for the parameters "
-                       "and their defaults") from None
-    cfg = plan.config
-    if int(cfg.steps) > settings.max_steps:
-        raise ApiError(422, "invalid_request", f"method.steps: {cfg.steps} is over the limit of "
-                       f"{settings.max_steps}; send at most {settings.max_steps} steps")
-    nfe = _nfe_estimate(plan.name, cfg)
-    if nfe > settings.max_nfe:
-        raise ApiError(422, "invalid_method", f"method: the parameters plan {nfe} network evaluations, "
-                       f"over the limit of {settings.max_nfe}; send fewer steps or corrector steps")
-    for f_name in ("zeta_obs", "zeta"):
-        w = getattr(cfg, f_name, None)
-        if isinstance(w, tuple) and len(w) != shape[0]:
-            raise ApiError(422, "invalid_method", f"method.{f_name}: {len(w)} weights for a model with "
-                           f"{shape[0]} channels; send one number or {shape[0]} numbers")
-    if getattr(cfg, "grad_steps", 0) > 1000:
-        raise ApiError(422, "invalid_method", "method.grad_steps: over the limit of 1000; send fewer")
-    if plan.name == "ald" and not operator.linear:
+    if adm.plan.name == "ald" and not operator.linear:
         raise ApiError(422, "invalid_method", "method: ald needs a linear operator; send dps, "
                        "diffusion_pde or fast")
 
@@ -224,8 +261,18 @@ def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
         svd_available = operator.linear and operator.svd() is not None
     except Exception:  # noqa: BLE001 - an operator without a usable svd just batches by identity
         svd_available = True
-    return Problem(model=model, operator=operator, operator_digest=digest({"kind": kind, **kwargs}),
-                   y=y, noise_sigma=float(req.noise_sigma), pde=pde, pde_metric=pde_metric,
-                   pde_digest=digest(pde_spec), plan=plan, num_samples=int(req.num_samples),
-                   seed=int(req.seed), returns=tuple(dict.fromkeys(req.return_)), completion=req.completion,
-                   svd_available=bool(svd_available))
+    problem = Problem(model=adm.model, operator=operator, operator_digest=digest({"kind": kind, **kwargs}),
+                      y=y, noise_sigma=adm.noise_sigma, pde=pde, pde_metric=pde_metric,
+                      pde_digest=digest(pde_spec), plan=adm.plan, num_samples=adm.num_samples,
+                      seed=adm.seed, returns=adm.returns, completion=adm.completion,
+                      svd_available=bool(svd_available), cost=adm.cost)
+    stored = dict(body, observation={"file": "observation"},
+                  operator={k: ({"file": f"operator.{k}"} if f"operator.{k}" in arrays else v)
+                            for k, v in body["operator"].items()})
+    return problem, arrays, stored
+
+
+def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
+            files: Mapping[str, bytes] | None = None) -> Problem:
+    """Validate a request body into a ``Problem`` or raise ``ApiError`` (both phases)."""
+    return build(admit(body, request_model, models, settings), settings, files)[0]

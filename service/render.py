@@ -72,11 +72,10 @@ def _grid(rows: list[list[np.ndarray]], labels: list[str]) -> Image.Image:
     return canvas
 
 
-def render_png(job) -> bytes:
-    p, res = job.problem, job.result
-    card = p.model.card
+def render_png(card: dict, res) -> bytes:
+    """The picture of a result (``service.jobs.JobResult``) of a model with ``card``."""
     mean, std = res.mean.astype(np.float64), res.std
-    obs = observation_view(p)
+    obs = res.observation_view
     c, h, w = mean.shape
     is_image = not card.get("pde") and card.get("kind") != "pde" and c in (1, 3)
     labels = ["observation", "mean", "std"]

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SEED = 2**63 - 1
 ReturnName = Literal["mean", "std", "samples"]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-TERMINAL = ("succeeded", "failed", "cancelled")
+JobState = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled", "expired"]
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
 # ----------------------------------------------------------------------------- arrays

@@ -12,6 +12,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "var"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECONSERVE_", extra="ignore", frozen=True)
 
@@ -19,8 +22,12 @@ class Settings(BaseSettings):
     device: str = "cpu"
     #: A folder of checkpoints (``<id>/card.json`` + weights) served beside ``checkpoints/``.
     models_dir: Path | None = None
-    #: Where data sets live (used by the CLI's training and benchmark commands, not by the service).
-    data_dir: Path | None = None
+    #: The durable job store: its SQLite database and every job's request and result files
+    #: (created on start). Default: ``var/`` beside the checkout.
+    data_dir: Path = Field(default_factory=lambda: DEFAULT_DATA_DIR)
+    #: A SQLAlchemy URL for the job store's database instead of SQLite in ``data_dir`` (e.g.
+    #: ``postgresql+psycopg://user@host/reconserve``); array files stay in ``data_dir``.
+    database_url: str | None = None
     #: Torch CPU threads for the process (None: torch's default, one per core). The worker runs
     #: one batch at a time beside the event loop; on a shared CPU one intra-op thread is often
     #: ten times faster than several spinning ones (measured on 2 busy cores), so 1 is the
@@ -30,6 +37,18 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     #: Jobs waiting in the queue (not counting the running batch) before ``429``.
     queue_size: int = Field(64, ge=1)
+    #: The queue is also bounded by estimated cost, in units of one network evaluation of one
+    #: pixel (network calls + 2 x backprops, x samples x pixels), and by the bytes its
+    #: requests hold. A single job over ``max_job_cost`` is refused (422).
+    max_queued_cost: float = Field(4e9, gt=0)
+    max_job_cost: float = Field(1e9, gt=0)
+    max_queued_bytes: int = Field(1024**3, ge=1)
+    #: Requests prepared at once (decoding arrays, building operators); others wait their turn.
+    max_preparations: int = Field(2, ge=1)
+    #: Bodies over 1 MiB read and parsed at once; others wait their turn.
+    max_large_bodies: int = Field(2, ge=1)
+    #: A body must arrive within this many seconds of its headers (``408`` otherwise).
+    body_timeout_s: float = Field(60.0, gt=0)
     #: Largest request body (bytes) before ``413``.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     #: Largest array (elements) in a request before ``413``.
@@ -49,12 +68,22 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1)
     #: Most rows (posterior samples over all jobs) in one batch.
     max_batch_rows: int = Field(64, ge=1)
-    #: Finished jobs (and their results) are kept this long, and at most this many.
+    #: Finished jobs (and their results) are kept this long, and at most this many holding at
+    #: most this many bytes on disk (request and result files); then they answer ``410``.
     result_ttl_s: float = Field(3600.0, gt=0)
     max_jobs_kept: int = Field(1000, ge=1)
     max_result_bytes: int = Field(2 * 1024**3, ge=0)
-    #: ``Retry-After`` (seconds) sent with ``429``.
-    retry_after_s: int = Field(5, ge=1)
+    #: How often retention runs (seconds).
+    retention_interval_s: float = Field(30.0, gt=0)
+    #: Seconds a client has to send a request line and headers, counted from the connection's
+    #: opening or from the first byte of a later request on it; then ``408`` and the connection
+    #: is closed (slow-loris protection, ``service/protocols.py``).
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: Open connections (and running requests) before ``503`` with ``Retry-After`` (uvicorn's
+    #: ``limit_concurrency``); None: no limit.
+    max_connections: int | None = Field(1000, ge=1)
+    #: An idle keep-alive connection is closed after this many seconds.
+    keep_alive_s: float = Field(5.0, gt=0)
 
     @field_validator("api_keys", mode="before")
     @classmethod

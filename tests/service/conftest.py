@@ -9,13 +9,14 @@ from svc_helpers import MODELS
 
 
 @pytest.fixture
-def make_client():
+def make_client(tmp_path):
     """``make_client(models=..., **settings)``: a TestClient (lifespan running) on a fresh app;
     ``client.manager`` is its job manager."""
     opened = []
 
     def make(models=MODELS, **kw):
         kw.setdefault("batch_window_ms", 0)
+        kw.setdefault("data_dir", tmp_path / f"var{len(opened)}")
         app = create_app(Settings(**kw), models)
         c = TestClient(app, raise_server_exceptions=False)
         c.__enter__()

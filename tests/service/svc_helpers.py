@@ -89,3 +89,74 @@ def wait_status(client, job_id, statuses=("succeeded", "failed", "cancelled"), t
             return st
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} still {st['status']} after {timeout} s")
+
+
+# ----------------------------------------------------------------------------- a real server process
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env_overrides: dict | None = None, ready_timeout: float = 120.0):
+    """``service.server.serve`` in a subprocess on a free loopback port, waited for until
+    ``/readyz`` answers 200 -> ``(proc, url)``. The job store lives in a fresh temporary
+    ``RECONSERVE_DATA_DIR`` unless ``env_overrides`` names one; the server's output goes to
+    ``proc.log_path`` (a pipe nobody reads would fill and stall it). Stop it with ``stop_server``."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from service.client import Client
+
+    root = Path(__file__).resolve().parents[2]
+    tmp = Path(tempfile.mkdtemp(prefix="reconserve-test-"))
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(root), RECONSERVE_BATCH_WINDOW_MS="5",
+               RECONSERVE_TORCH_THREADS="1", RECONSERVE_DATA_DIR=str(tmp / "data"))
+    env.update({k: str(v) for k, v in (env_overrides or {}).items()})
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", f"from service.server import serve; serve(port={port})"],
+                                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path, proc.tmp_dir = log_path, tmp
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with Client(url, timeout=5) as client:
+            end = time.monotonic() + ready_timeout
+            while not client.ready():
+                if proc.poll() is not None:
+                    raise AssertionError("server exited:\n" + server_log(proc)[-3000:])
+                if time.monotonic() > end:
+                    raise AssertionError(f"server not ready within {ready_timeout} s:\n" + server_log(proc)[-3000:])
+                time.sleep(0.25)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, url
+
+
+def server_log(proc) -> str:
+    try:
+        return proc.log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_server(proc, timeout: float = 20.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout`` s; removes the temporary data dir. -> exit status."""
+    import shutil
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(proc.tmp_dir, ignore_errors=True)
+    return proc.returncode

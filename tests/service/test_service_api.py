@@ -80,7 +80,7 @@ def test_readyz_503_until_ready(monkeypatch):
         release.wait(20)
         return MODELS
 
-    monkeypatch.setattr("service.app.load_models", slow_load)
+    monkeypatch.setattr("service.deps.load_models", slow_load)
     with TestClient(create_app(Settings())) as c:  # models load in the background
         assert_error(c.get("/readyz"), 503, "not_ready")
         assert_error(c.get("/v1/models"), 503, "not_ready")

@@ -82,3 +82,118 @@ def test_schemas_and_codecs_import_no_torch():
     code = ("import sys, service.schemas, service.codecs, service.settings, service.errors; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+
+
+def raw_npy(shape: str, descr: str = "<f8", data: bytes = b"\0" * 800, version: int = 1) -> bytes:
+    """A hand-made .npy: magic, version, header length, header dict text (any ``shape``), data."""
+    hdr = ("{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (descr, shape)).encode("latin1")
+    prefix = 6 + 2 + (2 if version == 1 else 4)
+    hdr += b" " * (63 - (prefix + len(hdr)) % 64) + b"\n"  # padded to a multiple of 64, as numpy does
+    return (b"\x93NUMPY" + bytes([version, 0]) + len(hdr).to_bytes(2 if version == 1 else 4, "little")
+            + hdr + data)
+
+
+def test_raw_npy_helper_matches_numpy():
+    np.testing.assert_array_equal(dec({"file": "p"}, files={"p": raw_npy("(2, 3)", data=np.arange(6.0).tobytes())}),
+                                  np.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize("shape", ["(-1, -1)", "(0, -1)", "(-1,)", "(-1, 100)", "(5, -2)", "(True,)",
+                                   "(-100000000000,)"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_npy_negative_or_non_integer_dimensions_are_422(shape, version):
+    """numpy's header parser accepts negative dimensions: ``(-1,)`` would read "the rest of the
+    data" past the element limit, ``(-1, -1)`` and ``(0, -1)`` crashed in reshape (a 500)."""
+    for value, files in (({"file": "p"}, {"p": raw_npy(shape, version=version)}),
+                         ({"npy": base64.b64encode(raw_npy(shape, version=version)).decode()}, None)):
+        with pytest.raises(CodecError) as e:
+            dec(value, files=files)
+        assert e.value.status == 422 and e.value.code == "invalid_array"
+        assert "non-negative" in str(e.value) and "send" in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [str((2**31 + 1,)), str((2**40, 0)), str((0, 2**63)), str((10**4000,)),
+                                   str((2**31,) * 8), str((100, 101)), str((2**31, 2**31, 0)),
+                                   str((100_000, 0)), str((0, 2**31 - 1, 2**31 - 1, 0))])
+def test_npy_absurd_sizes_are_413_before_any_allocation(shape):
+    """A dimension over 2**31 or a product over the limit (zeros counted as ones): 413, nothing
+    read; a 4000-digit dimension never reaches int-to-str conversion in the message."""
+    with pytest.raises(CodecError) as e:
+        dec({"file": "p"}, files={"p": raw_npy(shape, data=b"")})
+    assert e.value.status == 413 and e.value.code == "array_too_large"
+    assert len(str(e.value)) < 400
+
+
+def test_npy_zero_sized_and_scalar_arrays_still_decode():
+    assert dec({"file": "p"}, files={"p": raw_npy("(0, 3)", data=b"")}).shape == (0, 3)
+    assert dec({"file": "p"}, files={"p": raw_npy("()", data=np.float64(2.5).tobytes())}) == 2.5
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def raw_png(w: int, h: int, color_type: int = 0, rows: bytes = b"", palette: bytes | None = None) -> bytes:
+    """A hand-made 8-bit PNG whose IHDR states ``w`` x ``h`` whatever data follows."""
+    import struct
+    import zlib
+    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
+    if palette is not None:
+        out += _png_chunk(b"PLTE", palette)
+    return out + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("w,h", [(2**31 - 1, 2**31 - 1), (100_000, 100_000), (12_000, 12_000), (101, 100)])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_png_with_huge_header_dimensions_is_413_unread(w, h):
+    with pytest.raises(CodecError) as e:  # Pillow's own decompression-bomb guard included
+        dec({"png": base64.b64encode(raw_png(w, h)).decode()})
+    assert e.value.status == 413 and e.value.code == "array_too_large"
+
+
+def test_png_palette_counts_its_rgb_output():
+    """A palette image decodes to three channels: 80 x 80 x 3 = 19200 > 10000 elements."""
+    data = raw_png(80, 80, color_type=3, rows=b"\0" * (81 * 80), palette=b"\0\0\0" * 256)
+    with pytest.raises(CodecError) as e:
+        dec({"file": "p"}, files={"p": data})
+    assert e.value.status == 413
+    small = raw_png(50, 50, color_type=3, rows=b"\0" * (51 * 50), palette=b"\0\0\0" * 256)
+    assert dec({"file": "p"}, files={"p": small}).shape == (3, 50, 50)
+
+
+def _tiff_with_size(width: int, length: int) -> bytes:
+    """A tifffile-written 4 x 4 TIFF whose ImageWidth / ImageLength tags are rewritten."""
+    import struct
+
+    import tifffile
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((4, 4), np.uint8))
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tf:
+        tags = tf.pages[0].tags
+        offsets = {name: tags[name].offset for name in ("ImageWidth", "ImageLength")}
+    struct.pack_into("<I", data, offsets["ImageWidth"] + 8, width)  # tag, type, count, then the value
+    struct.pack_into("<I", data, offsets["ImageLength"] + 8, length)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("w,h", [(2**32 - 1, 2**32 - 1), (2**31, 4), (200, 200)])
+def test_tiff_with_huge_header_dimensions_is_413_before_decoding(w, h, monkeypatch):
+    import tifffile
+
+    def no_decoding(*a, **kw):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", no_decoding)
+    with pytest.raises(CodecError) as e:
+        dec({"tiff": base64.b64encode(_tiff_with_size(w, h)).decode()})
+    assert e.value.status == 413 and e.value.code == "array_too_large"
+
+
+def test_tiff_with_zero_dimension_is_422():
+    for w, h in ((0, 4), (2**32 - 1, 0)):
+        with pytest.raises(CodecError) as e:
+            dec({"file": "p"}, files={"p": _tiff_with_size(w, h)})
+        assert e.value.status == 422

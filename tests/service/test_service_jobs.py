@@ -5,10 +5,7 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
-from operators.spec import build_operator
-from service.jobs import BatchedOperator
 from svc_helpers import OBS, body, decode, npy_b64, wait_status
 
 
@@ -217,25 +214,3 @@ def test_a_diverging_job_does_not_fail_its_batch(make_client):
     alone = c.post("/v1/reconstruct", json=body(seed=4)).json()
     np.testing.assert_array_equal(decode(c.get(f"/v1/jobs/{good}/result").json()["mean"]),
                                   decode(alone["mean"]))
-
-
-def test_batched_operator_applies_each_operator_to_its_rows():
-    shape = (1, 16, 16)
-    g = torch.Generator().manual_seed(0)
-    ops = [build_operator({"kind": "blur", "gaussian": {"sigma": s}}, shape) for s in (0.7, 1.5)]
-    bo = BatchedOperator(ops, [2, 3])
-    x = torch.randn((5,) + shape, generator=g, dtype=torch.float64)
-    y = torch.randn((5,) + shape, generator=g, dtype=torch.float64)
-    for name, args in (("forward", (x,)), ("adjoint", (y,)), ("pseudo_inverse", (y,)), ("project", (x, y)),
-                       ("prox", (x, y, 0.3))):
-        out = getattr(bo, name)(*args)
-        ref = torch.cat([getattr(ops[0], name)(*(a[:2] if torch.is_tensor(a) else a for a in args)),
-                         getattr(ops[1], name)(*(a[2:] if torch.is_tensor(a) else a for a in args))])
-        assert torch.equal(out, ref), name
-    rho = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
-    ref = torch.cat([ops[0].prox(x[:2], y[:2], rho[:2]), ops[1].prox(x[2:], y[2:], rho[2:])])
-    assert torch.equal(bo.prox(x, y, rho), ref)
-    one = bo.forward(x[:1])  # a single row is broadcast to every job's rows
-    assert one.shape[0] == 5 and torch.equal(one[3], ops[1].forward(x[:1])[0])
-    with pytest.raises(ValueError):
-        bo.forward(x[:3])

@@ -1,50 +1,20 @@
 """A real uvicorn process (``service.server.serve``) and the Python client against it."""
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from service.client import Client, ServiceError
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from svc_helpers import start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RECONSERVE_BATCH_WINDOW_MS="5",
-               RECONSERVE_TORCH_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", f"from service.server import serve; serve(port={port})"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server()
     client = Client(url, timeout=60)
     try:
-        end = time.monotonic() + 120
-        while not client.ready():
-            if proc.poll() is not None:
-                raise AssertionError("server exited:\n" + proc.stdout.read().decode()[-3000:])
-            if time.monotonic() > end:
-                raise AssertionError("server not ready within 120 s")
-            time.sleep(0.25)
         yield client
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 def test_client_against_a_real_server(server):

@@ -1,0 +1,85 @@
+"""The one sampler driver: physical problems in, physical posterior samples out.
+
+``sample_batch`` maps each problem into the network's normalized space (``network_problem``),
+stacks the observations along the batch (each problem's operator on its own rows, through
+``operators.BatchedOperator``), gives each problem its own seeded random stream
+(``SplitGenerator``), runs the method once with a counting denoiser and maps the samples
+back. A problem gets the samples it would get alone: bit for bit for float64 models, to
+float32 rounding of the network at another batch size otherwise. ``guidance.solve.solve``,
+the service's worker and the benches all sample through it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from models.denoiser import CountingDenoiser
+from operators.base import Operator, Rescaled
+from operators.batched import BatchedOperator
+
+from .core import Callback, DivergedError, SplitGenerator
+from .registry import METHODS
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One problem of a batch: its operator and observation (physical units, no batch
+    dimension) and how many posterior samples to draw from which seed."""
+
+    operator: Operator
+    y: torch.Tensor
+    num_samples: int = 1
+    seed: int = 0
+
+
+class BatchRun(NamedTuple):
+    samples: list[torch.Tensor]  # per item, [num_samples, C, H, W] float64, physical units
+    nfe: int  # network calls (each served every row of the batch)
+    seconds: float  # sampler time
+
+
+def network_problem(model, operator, y: torch.Tensor, pde=None):
+    """The operator, observation and PDE term as the sampler sees them (network space)."""
+    op = Rescaled(operator, model.shift, model.scale)
+    y_net = op.observation(y)
+    pde_net = Rescaled(pde, model.shift, model.scale) if pde is not None else None
+    return op, y_net, pde_net
+
+
+def sample_batch(model, plan, items: list[BatchItem], *, noise_sigma: float = 0.0, pde=None,
+                 shared_svd: bool = False, device: str | torch.device = "cpu",
+                 callback: Callback = None) -> BatchRun:
+    """Run ``plan`` (a ``guidance.solve.Plan``) once for every item of a batch.
+
+    The items share the model, the plan, ``noise_sigma`` and the PDE term ``pde`` (physical
+    units, or None). Items holding one operator object use it over the whole batch; otherwise
+    each operator acts on its own rows, and ``shared_svd`` says that they are all identical so
+    one SVD serves the batch (projection ALD needs it; without it a batch of different SVDs
+    raises ``operators.Unbatchable``). A ``DivergedError`` of the sampler passes through with
+    the network calls made until then as its ``nfe``.
+    """
+    nets = [network_problem(model, it.operator, it.y.to(device=device, dtype=torch.float64)[None], pde)
+            for it in items]
+    counts = [it.num_samples for it in items]
+    ops = [op for op, _, _ in nets]
+    operator = ops[0] if all(it.operator is items[0].operator for it in items) else BatchedOperator(
+        ops, counts, shared_svd=shared_svd)
+    y_all = torch.cat([y.expand((k,) + tuple(y.shape[1:])) for (_, y, _), k in zip(nets, counts)])
+    pde_net = nets[0][2]
+    den = CountingDenoiser(model.denoiser)
+    gen = SplitGenerator([(torch.Generator(device="cpu").manual_seed(int(it.seed)), it.num_samples)
+                          for it in items])
+    t0 = time.perf_counter()
+    try:
+        x = METHODS[plan.name].sampler(den, operator, y_all, plan.sigmas.to(device), config=plan.config,
+                                       generator=gen, callback=callback, noise_sigma=float(noise_sigma),
+                                       pde=pde_net)
+    except DivergedError as e:
+        e.nfe = den.nfe  # the calls made before it diverged
+        raise
+    seconds = time.perf_counter() - t0
+    x_phys = ops[0].to_physical(x.detach())  # one model: one shift and scale for every item
+    return BatchRun(list(torch.split(x_phys, counts)), den.nfe, seconds)

@@ -1,0 +1,46 @@
+"""``/v1/models``, ``/v1/operators``, ``/v1/methods``."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from guidance.registry import METHODS
+from operators.spec import OPERATORS, operator_schemas
+
+from .. import schemas
+from ..deps import AUTH, READY, State, get_state
+from ..errors import ApiError
+from .common import ERROR_RESPONSES, public_card
+
+router = APIRouter(tags=["catalogue"])
+
+OBSERVATION_SHAPES = {
+    "identity": "[C,H,W]", "inpainting": "[C,H,W]", "sparse_points": "[N]", "blur": "[C,H,W]",
+    "super_resolution": "[C,H/f,W/f]", "compressed_sensing": "[m]", "mri": "[2,H,W]",
+}
+
+
+@router.get("/v1/models", response_model=schemas.ModelList, dependencies=READY, responses=ERROR_RESPONSES)
+async def list_models(state: State = Depends(get_state)):
+    return JSONResponse({"models": [public_card(m.card) for m in state.models.values()]})
+
+
+@router.get("/v1/models/{model_id}", response_model=schemas.ModelCard, dependencies=READY,
+            responses=ERROR_RESPONSES)
+async def get_model(model_id: str, state: State = Depends(get_state)):
+    m = state.models.get(model_id)
+    if m is None:
+        raise ApiError(404, "unknown_model", f"no model with this id; send one of {sorted(state.models)}")
+    return JSONResponse(public_card(m.card))
+
+
+@router.get("/v1/operators", response_model=schemas.OperatorList, dependencies=AUTH, responses=ERROR_RESPONSES)
+async def list_operators():
+    s = operator_schemas()
+    return JSONResponse({"operators": [
+        {"kind": k, "observation_shape": OBSERVATION_SHAPES.get(k, ""), "schema": s[k]} for k in OPERATORS]})
+
+
+@router.get("/v1/methods", response_model=schemas.MethodList, dependencies=AUTH, responses=ERROR_RESPONSES)
+async def list_methods():
+    return JSONResponse(public_card({"methods": [METHODS[n].describe() for n in METHODS]}))

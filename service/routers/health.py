@@ -1,0 +1,45 @@
+"""``/healthz`` (liveness: the process and its worker thread), ``/readyz``, ``/metrics``."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+
+from ..deps import AUTH, State, get_state
+from ..errors import error_body
+from ..metrics import CONTENT_TYPE_LATEST
+from .common import ERROR_RESPONSES
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
+async def healthz(state: State = Depends(get_state)):
+    if not state.jobs.alive and not state.shutting_down:
+        # the worker thread died: fail liveness so that the orchestrator restarts the process
+        # (recovery then resumes every queued and running job)
+        return JSONResponse(error_body("worker_dead", "the worker thread is not running; restart the "
+                                       "process (queued jobs resume on start)"), 503)
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: ERROR_RESPONSES[503]})
+async def readyz(state: State = Depends(get_state)):
+    if not state.ready:
+        if state.shutting_down:
+            reason = "shutting down"
+        elif state.load_error:
+            reason = state.load_error
+        elif state.models is None:
+            reason = "loading models"
+        elif not state.recovered:
+            reason = "resuming the jobs of the previous run"
+        else:
+            reason = "worker not running"
+        return JSONResponse(error_body("not_ready", f"not ready: {reason}; retry in a few seconds"), 503,
+                            headers={"Retry-After": "5"})
+    return {"status": "ready", "models": sorted(state.models), "device": state.settings.device}
+
+
+@router.get("/metrics", dependencies=AUTH)
+async def metrics(state: State = Depends(get_state)):
+    return Response(state.metrics.render(state.settings.device), media_type=CONTENT_TYPE_LATEST)

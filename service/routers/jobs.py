@@ -1,0 +1,232 @@
+"""``/v1/jobs`` (submit, status, events, result, cancel) and ``/v1/reconstruct``.
+
+Submission order (API.md "Admission"): the body is read and parsed off the event loop; an
+``Idempotency-Key`` already seen answers its job; the cheap checks give the job's cost; the
+queue reserves room for it (or answers ``429`` at once); only then are the arrays decoded and
+the operator built (at most ``max_preparations`` at a time); the job is written to the store
+and queued, and only then is ``202`` answered.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .. import schemas
+from ..body import body_slot, read_body
+from ..codecs import encode_array, npy_bytes
+from ..deps import AUTH, READY, State, get_job, get_state
+from ..errors import ApiError
+from ..jobs import Job, JobResult, shutting_down_error
+from ..prepare import admit, build
+from .common import ERROR_RESPONSES
+
+log = logging.getLogger("reconserve.app")
+router = APIRouter(tags=["jobs"])
+
+BODY_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ReconstructionRequest"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "request": {"type": "string", "description": "the JSON body; arrays may be {\"file\": part}"}},
+        "additionalProperties": {"type": "string", "format": "binary"}}}}}}
+IDEMPOTENCY_DOC = {"parameters": [{
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "the same key with the same body returns the same job; with another body, 422",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]}
+KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _job_error_status(code: str) -> int:
+    return {"cancelled": 409, "shutting_down": 503, "out_of_memory": 413}.get(code, 422)
+
+
+async def accept(request: Request, state: State) -> tuple[Job, bool]:
+    """A submitted job: ``(job, new)``; ``new`` is False for a repeated ``Idempotency-Key``."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not KEY_RE.fullmatch(key):
+        raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII "
+                       "characters without spaces; send e.g. a UUID")
+    settings = state.settings
+    async with body_slot(request, state):
+        body = await read_body(request, settings)
+        if key is not None:
+            seen = await run_in_threadpool(state.jobs.by_key, key)
+            if seen is not None:
+                return await run_in_threadpool(_same_body, seen, key, body.digest, state), False
+        adm = await run_in_threadpool(admit, body.json, state.request_model, state.models, settings)
+        reservation = state.jobs.reserve(adm.cost, body.size)
+        try:
+            problem, arrays, stored = await run_in_threadpool(_build, state, adm, body.files)
+            if state.shutting_down:
+                raise shutting_down_error()
+            job, new = await run_in_threadpool(state.jobs.submit, problem, reservation, stored, arrays,
+                                               key, body.digest)
+        finally:
+            state.jobs.release(reservation)
+    return (job, True) if new else (await run_in_threadpool(_same_body, job, key, body.digest, state), False)
+
+
+def _build(state: State, adm, files):
+    with state.jobs.preparations:
+        return build(adm, state.settings, files)
+
+
+def _same_body(job: Job, key: str, digest: str, state: State) -> Job:
+    rec = state.store.get(job.id)
+    if rec is not None and rec.body_digest != digest:
+        raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was sent before with another body "
+                       f"(job {job.id}); send a new key for a new request")
+    return job
+
+
+@router.post("/v1/jobs", status_code=202, response_model=schemas.JobStatus, dependencies=READY,
+             openapi_extra={**BODY_DOC, **IDEMPOTENCY_DOC}, responses={
+                 200: {"model": schemas.JobStatus, "description": "the job an Idempotency-Key named before"},
+                 **ERROR_RESPONSES})
+async def submit_job(request: Request, state: State = Depends(get_state)):
+    job, new = await accept(request, state)
+    return JSONResponse(job.status_dict(), 202 if new else 200, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/v1/jobs/{job_id}", response_model=schemas.JobStatus, dependencies=AUTH, responses=ERROR_RESPONSES)
+async def job_status(job: Job = Depends(get_job)):
+    return JSONResponse(job.status_dict())
+
+
+@router.get("/v1/jobs/{job_id}/events", dependencies=AUTH, responses={
+    200: {"content": {"text/event-stream": {}}, "description": "progress events, then one status event"},
+    **ERROR_RESPONSES})
+async def job_events(job: Job = Depends(get_job), state: State = Depends(get_state)):
+    return StreamingResponse(sse(job, state), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/v1/jobs/{job_id}/result", response_model=schemas.Result, dependencies=AUTH,
+            responses={200: {"content": {"application/x-npy": {}}}, **ERROR_RESPONSES})
+async def job_result(request: Request, job: Job = Depends(get_job), state: State = Depends(get_state)):
+    result = await finished(job, state)
+    if "application/x-npy" in request.headers.get("accept", ""):
+        data = await run_in_threadpool(lambda: npy_bytes(result.mean.astype("float32")))
+        return Response(data, media_type="application/x-npy",
+                        headers={"Content-Disposition": f'attachment; filename="{job.id}-mean.npy"'})
+    return JSONResponse(await run_in_threadpool(result_body, job, result))
+
+
+@router.get("/v1/jobs/{job_id}/result.png", dependencies=AUTH,
+            responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES})
+async def job_result_png(job: Job = Depends(get_job), state: State = Depends(get_state)):
+    from ..render import render_png
+    result = await finished(job, state)
+    model = (state.models or {}).get(job.model_id)
+    try:
+        data = await run_in_threadpool(render_png, model.card if model is not None else {}, result)
+    except Exception:  # noqa: BLE001 - a picture is a convenience; never a 5xx
+        log.exception("rendering %s failed", job.id)
+        raise ApiError(422, "render_failed", "this result cannot be drawn; fetch the arrays from "
+                       f"GET /v1/jobs/{job.id}/result instead") from None
+    return Response(data, media_type="image/png")
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=schemas.JobStatus, dependencies=AUTH, responses=ERROR_RESPONSES)
+async def cancel_job(job: Job = Depends(get_job), state: State = Depends(get_state)):
+    """A queued job is ``cancelled`` at once; a running one answers ``cancelling`` and stops at
+    its next step."""
+    job = await run_in_threadpool(state.jobs.cancel, job.id) or job
+    return JSONResponse(job.status_dict())
+
+
+@router.post("/v1/reconstruct", response_model=schemas.Result, dependencies=READY,
+             openapi_extra={**BODY_DOC}, responses=ERROR_RESPONSES)
+async def reconstruct(request: Request, state: State = Depends(get_state)):
+    job, _ = await accept(request, state)
+    await wait_done(job, state, request)
+    result = await finished(job, state)
+    return JSONResponse(await run_in_threadpool(result_body, job, result))
+
+
+# ---------------------------------------------------------------------------- helpers
+async def finished(job: Job, state: State) -> JobResult:
+    st = job.status
+    if st in ("queued", "running", "cancelling"):
+        raise ApiError(409, "not_finished", f"the job is {st}; wait for it to finish "
+                       f"(GET /v1/jobs/{job.id}/events or poll GET /v1/jobs/{job.id}) and ask again")
+    if st != "succeeded":
+        err = job.error or {"code": st, "message": f"the job {st}"}
+        raise ApiError(_job_error_status(err["code"]), err["code"], err["message"])
+    return await run_in_threadpool(state.jobs.result_of, job)
+
+
+async def wait_done(job: Job, state: State, request: Request) -> None:
+    """Until the job finishes. A client that hangs up cancels its job; a shutdown answers
+    ``503`` (the job stays queued for the next start)."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    job.subscribe(loop, event, progress=False)
+    try:
+        while not job.done.is_set():
+            if state.shutting_down:
+                raise ApiError(503, "shutting_down", f"the server is shutting down; job {job.id} stays queued and "
+                               f"resumes when it restarts: fetch GET /v1/jobs/{job.id}/result then",
+                               headers={"Retry-After": "5", "Location": f"/v1/jobs/{job.id}"})
+            event.clear()
+            if job.done.is_set():
+                break
+            try:
+                await asyncio.wait_for(event.wait(), 1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    await run_in_threadpool(state.jobs.cancel, job.id)  # nobody waits for it any more
+                    return
+    finally:
+        job.unsubscribe(loop, event, progress=False)
+
+
+async def sse(job: Job, state: State):
+    """Progress events, then one ``status`` event: the final status, or the status at a
+    shutdown (``"server": "shutting_down"``; the job resumes after the restart)."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    job.subscribe(loop, event)
+    last = None
+    try:
+        while True:
+            event.clear()
+            st = job.status_dict()
+            if st["status"] in schemas.TERMINAL:
+                yield f"event: status\ndata: {json.dumps(st)}\n\n"
+                return
+            if state.shutting_down:
+                yield f"event: status\ndata: {json.dumps(dict(st, server='shutting_down'))}\n\n"
+                return
+            now = (st["status"], st["progress"]["step"], st["progress"]["total"])
+            if now != last:
+                last = now
+                data = {"id": job.id, "status": st["status"], "progress": st["progress"]}
+                yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+            try:
+                await asyncio.wait_for(event.wait(), 15.0)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+    finally:
+        job.unsubscribe(loop, event)
+
+
+def result_body(job: Job, r: JobResult) -> dict:
+    """The ``Result`` JSON (arrays encoded once, cached on the result)."""
+    if "body" not in r._encoded:
+        want = set(job.returns)
+        r._encoded["body"] = {
+            "id": job.id,
+            "mean": encode_array(r.mean) if "mean" in want else None,
+            "std": encode_array(r.std) if "std" in want and r.std is not None else None,
+            "samples": encode_array(r.samples) if "samples" in want else None,
+            "metrics": r.metrics, "nfe": r.nfe, "elapsed_s": r.elapsed_s, "seed": job.seed,
+            "model": job.model_id, "method": r.method, "batched_with": r.batched_with,
+            "num_samples": job.num_samples,
+        }
+    return r._encoded["body"]

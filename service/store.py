@@ -1,0 +1,297 @@
+"""The durable job store: one table of jobs (SQLAlchemy 2 Core) plus a folder of array files.
+
+SQLite (WAL, ``synchronous=FULL``) under ``RECONSERVE_DATA_DIR`` is the embedded default; the
+same portable SQL runs on PostgreSQL (``RECONSERVE_DATABASE_URL``). A job's arrays never go
+into the database: its decoded request arrays are ``.npy`` files and its result one ``.npz``
+in ``<data_dir>/jobs/<id>/``, written and fsynced before the row that refers to them is
+committed, so a row never points at a missing file.
+
+Schema versions: ``schema_version`` holds the version the store was written with;
+``MIGRATIONS[v]`` upgrades version ``v`` to ``v + 1``. A newer server opens an older store by
+running the missing steps; an older server refuses a newer store.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import sqlalchemy as sa
+
+from .codecs import npy_bytes
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+jobs_table = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("method", sa.String(64), nullable=False),
+    sa.Column("num_samples", sa.Integer, nullable=False),
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False, default=0),
+    sa.Column("total", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("started_at", sa.String(32)),
+    sa.Column("finished_at", sa.String(32)),
+    sa.Column("created_ts", sa.Float, nullable=False),  # wall clock (s): deadlines
+    sa.Column("finished_ts", sa.Float, index=True),  # wall clock (s): retention
+    sa.Column("request", sa.Text, nullable=False),  # JSON body, arrays as {"file": name}
+    sa.Column("error", sa.Text),  # JSON {"code", "message"}
+    sa.Column("result", sa.Text),  # JSON: metrics, nfe, elapsed_s, batched_with, method
+    sa.Column("bytes", sa.BigInteger, nullable=False, default=0),  # on disk: request + result
+    sa.Column("cost", sa.Float, nullable=False, default=0.0),  # admission cost units
+    sa.Column("idempotency_key", sa.String(255), unique=True),
+    sa.Column("body_digest", sa.String(64)),
+)
+
+version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+
+#: ``MIGRATIONS[v](connection)`` upgrades a store at version ``v`` to ``v + 1``.
+MIGRATIONS: dict[int, Any] = {}
+
+UNFINISHED = ("queued", "running")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class JobRecord:
+    """One row of ``jobs`` (the columns the service reads)."""
+
+    id: str
+    status: str
+    model: str
+    method: str
+    num_samples: int
+    seed: int
+    step: int
+    total: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    created_ts: float
+    finished_ts: float | None
+    request: dict
+    error: dict | None
+    result: dict | None
+    bytes: int
+    cost: float
+    idempotency_key: str | None = None
+    body_digest: str | None = None
+
+    @classmethod
+    def from_row(cls, row) -> "JobRecord":
+        m = dict(row._mapping)
+        for k in ("request", "error", "result"):
+            m[k] = json.loads(m[k]) if m[k] else ({} if k == "request" else None)
+        return cls(**m)
+
+
+@dataclass
+class StoredResult:
+    samples: np.ndarray  # [K, C, H, W] float32
+    observation_view: np.ndarray | None  # [C, H, W] float32 or None
+    meta: dict = field(default_factory=dict)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class JobStore:
+    """The jobs table and the files beside it. Thread-safe (a connection per call)."""
+
+    def __init__(self, data_dir: str | Path, url: str | None = None):
+        self.data_dir = Path(data_dir)
+        self.files = self.data_dir / "jobs"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.url = url or f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
+        self.engine = sa.create_engine(self.url, future=True, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._migrate()
+
+    # ------------------------------------------------------------------ schema
+    def _migrate(self) -> None:
+        with self.engine.begin() as c:
+            metadata.create_all(c, tables=[version_table])
+            row = c.execute(sa.select(version_table.c.version)).first()
+            if row is None:  # a new store
+                metadata.create_all(c)
+                c.execute(version_table.insert().values(version=SCHEMA_VERSION))
+                return
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"the job store at {self.url} has schema version {version}, newer than "
+                                   f"this server's {SCHEMA_VERSION}; run a newer server or another data dir")
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](c)
+                version += 1
+                c.execute(version_table.update().values(version=version))
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(version_table.c.version)).scalar_one())
+
+    # ------------------------------------------------------------------ files
+    def job_dir(self, job_id: str) -> Path:
+        return self.files / job_id
+
+    def _dir_bytes(self, job_id: str) -> int:
+        d = self.job_dir(job_id)
+        return sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
+
+    def load_request_files(self, record: JobRecord) -> dict[str, bytes]:
+        """The request's arrays as ``.npy`` bytes by name (the names its ``{"file": name}`` use)."""
+        return {p.name[:-4]: p.read_bytes() for p in self.job_dir(record.id).glob("*.npy")}
+
+    def load_result(self, job_id: str) -> StoredResult | None:
+        path = self.job_dir(job_id) / "result.npz"
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            obs = z["observation_view"] if "observation_view" in z.files else None
+            return StoredResult(z["samples"], obs)
+
+    # ------------------------------------------------------------------ writes
+    def insert(self, record: JobRecord, arrays: dict[str, np.ndarray]) -> None:
+        """Write the request arrays (fsynced), then commit the row: durable when this returns.
+        Raises ``sa.exc.IntegrityError`` if the idempotency key is taken (files removed)."""
+        d = self.job_dir(record.id)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, a in arrays.items():
+            _write_atomic(d / f"{name}.npy", npy_bytes(a))
+        _fsync_dir(d)
+        _fsync_dir(self.files)
+        record.bytes = self._dir_bytes(record.id)
+        values = {k: getattr(record, k) for k in jobs_table.c.keys()}
+        values.update(request=json.dumps(record.request), error=_dumps(record.error), result=_dumps(record.result))
+        try:
+            with self.engine.begin() as c:
+                c.execute(jobs_table.insert().values(**values))
+        except sa.exc.IntegrityError:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+
+    def update(self, job_id: str, **values) -> None:
+        for k in ("error", "result"):
+            if k in values:
+                values[k] = _dumps(values[k])
+        with self.engine.begin() as c:
+            c.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(**values))
+
+    def finish(self, job_id: str, *, status: str, finished_at: str, error: dict | None = None,
+               result: StoredResult | None = None, step: int | None = None) -> None:
+        """Write the result file (if any, fsynced), then the row's final state."""
+        values: dict[str, Any] = {"status": status, "finished_at": finished_at, "finished_ts": time.time(),
+                                  "error": error}
+        if result is not None:
+            arrays = {"samples": np.asarray(result.samples, dtype=np.float32)}
+            if result.observation_view is not None:
+                arrays["observation_view"] = np.asarray(result.observation_view, dtype=np.float32)
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            _write_atomic(self.job_dir(job_id) / "result.npz", buf.getvalue())
+            _fsync_dir(self.job_dir(job_id))
+            values["result"] = result.meta
+        if step is not None:
+            values["step"] = step
+        values["bytes"] = self._dir_bytes(job_id)
+        self.update(job_id, **values)
+
+    # ------------------------------------------------------------------ reads
+    def get(self, job_id: str) -> JobRecord | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).first()
+        return JobRecord.from_row(row) if row is not None else None
+
+    def find_key(self, key: str) -> JobRecord | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(jobs_table).where(jobs_table.c.idempotency_key == key)).first()
+        return JobRecord.from_row(row) if row is not None else None
+
+    def unfinished(self) -> list[JobRecord]:
+        """Jobs a previous process accepted and did not finish, oldest first."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(jobs_table).where(jobs_table.c.status.in_(UNFINISHED))
+                             .order_by(jobs_table.c.created_ts)).all()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def held(self) -> tuple[int, int]:
+        """(finished jobs holding data, their bytes)."""
+        with self.engine.connect() as c:
+            n, b = c.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(jobs_table.c.bytes), 0))
+                             .where(jobs_table.c.status.in_(FINISHED))).one()
+        return int(n), int(b)
+
+    # ------------------------------------------------------------------ retention
+    def expire(self, *, ttl_s: float, max_jobs: int, max_bytes: int, now: float | None = None) -> list[str]:
+        """Expire finished jobs past ``ttl_s``, then the oldest while more than ``max_jobs`` hold
+        data or they hold more than ``max_bytes``. An expired job keeps a row (status ``expired``,
+        so it answers 410, not 404) and loses its files. Returns the expired ids."""
+        now = time.time() if now is None else now
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(jobs_table.c.id, jobs_table.c.finished_ts, jobs_table.c.bytes)
+                             .where(jobs_table.c.status.in_(FINISHED))
+                             .order_by(jobs_table.c.finished_ts)).all()
+        count, size = len(rows), sum(int(r.bytes or 0) for r in rows)
+        gone = []
+        for r in rows:
+            old = now - float(r.finished_ts or now) > ttl_s
+            if not old and count <= max_jobs and size <= max_bytes:
+                break
+            gone.append(r.id)
+            count -= 1
+            size -= int(r.bytes or 0)
+        for chunk in _chunks(gone, 500):
+            with self.engine.begin() as c:
+                c.execute(jobs_table.update().where(jobs_table.c.id.in_(chunk))
+                          .values(status="expired", bytes=0, result=None))
+        for job_id in gone:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        return gone
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _dumps(v) -> str | None:
+    return None if v is None else json.dumps(v)
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
