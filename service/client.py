@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any, Callable, Iterable
 
 import httpx
@@ -106,11 +107,22 @@ class Client:
 
     def submit(self, model: str, operator: dict, observation, noise_sigma: float = 0.0,
                method: str | dict | None = None, num_samples: int = 1, seed: int = 0,
-               pde: dict | None = None, return_: Iterable[str] = ("mean", "std"), completion: str = "auto") -> str:
-        """``POST /v1/jobs``: the job id."""
+               pde: dict | None = None, return_: Iterable[str] = ("mean", "std"), completion: str = "auto",
+               idempotency_key: str | None = None) -> str:
+        """``POST /v1/jobs``: the job id. Sent with an ``Idempotency-Key`` (a fresh one unless
+        given) and sent again with the same key when the connection fails or the server is
+        restarting (503), so a retry never makes a second job."""
         body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_,
                           completion)
-        return self._request("POST", "/v1/jobs", json=body).json()["id"]
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        for attempt in range(self.retries + 1):
+            try:
+                return self._request("POST", "/v1/jobs", json=body, headers=headers).json()["id"]
+            except (httpx.TransportError, ServiceError) as e:
+                if attempt == self.retries or (isinstance(e, ServiceError) and e.status != 503):
+                    raise
+                time.sleep(getattr(e, "retry_after", None) or 1.0)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def status(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
@@ -134,16 +146,30 @@ class Client:
                     elif line.startswith("data:"):
                         data = json.loads(line[5:])
                         if event == "status":
-                            return data
+                            if data["status"] in FINAL:
+                                return data
+                            break  # the server is shutting down: the job resumes after its restart
                         if progress is not None:
                             progress(data)
                     if end is not None and time.monotonic() > end:
                         raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
         except (httpx.TransportError, httpx.StreamError):
             pass
-        while True:  # fallback: poll
-            st = self.status(job_id)
-            if st["status"] in ("succeeded", "failed", "cancelled"):
+        while True:  # fallback: poll (through a restart of the server: nothing accepted is lost)
+            try:
+                st = self.status(job_id)
+            except httpx.TransportError:
+                st = None
+            except ServiceError as e:
+                if e.status != 503:
+                    raise
+                st = None
+            if st is None:
+                if end is not None and time.monotonic() > end:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                time.sleep(1.0)
+                continue
+            if st["status"] in FINAL:
                 return st
             if progress is not None:
                 progress({"id": job_id, "status": st["status"], "progress": st["progress"]})
@@ -157,6 +183,10 @@ class Client:
 
     def cancel(self, job_id: str) -> dict:
         return self._request("DELETE", f"/v1/jobs/{job_id}").json()
+
+
+#: Statuses after which a job changes no more.
+FINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
 def _error(r: httpx.Response) -> ServiceError:

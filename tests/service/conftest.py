@@ -33,3 +33,15 @@ def make_client(tmp_path):
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A PostgreSQL server's URL (tests/service/postgres.py); the test is skipped without one."""
+    from postgres import postgres_url
+
+    with postgres_url() as url:
+        if url is None:
+            pytest.skip("no PostgreSQL server here: install Debian's postgresql or set "
+                        "RECONSERVE_TEST_DATABASE_URL")
+        yield url

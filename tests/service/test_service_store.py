@@ -190,3 +190,23 @@ def test_schema_versions(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", store_mod.SCHEMA_VERSION - 1)
     with pytest.raises(RuntimeError, match="newer"):
         JobStore(tmp_path)
+
+
+def test_the_same_store_code_runs_on_postgresql(make_client, pg_url, tmp_path):
+    files = tmp_path / "files"
+    c = make_client(data_dir=files, database_url=pg_url, result_ttl_s=2.0, retention_interval_s=0.2)
+    assert c.manager.store.engine.dialect.name == "postgresql"
+    h = {"Idempotency-Key": f"pg-{tmp_path.name}"}
+    r = c.post("/v1/jobs", json=body(seed=4), headers=h)
+    assert r.status_code == 202
+    jid = r.json()["id"]
+    assert c.post("/v1/jobs", json=body(seed=4), headers=h).json()["id"] == jid
+    assert c.post("/v1/jobs", json=body(seed=5), headers=h).status_code == 422
+    assert wait_status(c, jid)["status"] == "succeeded"
+    first = c.get(f"/v1/jobs/{jid}/result").json()
+    c2 = make_client(data_dir=files, database_url=pg_url)  # another process on the same store
+    assert c2.get(f"/v1/jobs/{jid}/result").json() == first
+    end = time.monotonic() + 10
+    while c.get(f"/v1/jobs/{jid}").status_code != 410:
+        assert time.monotonic() < end
+        time.sleep(0.1)
