@@ -148,7 +148,10 @@ class JobResult(PosteriorStats):
 
     @property
     def nbytes(self) -> int:
-        return self.samples.nbytes + (self.observation_view.nbytes if self.observation_view is not None else 0)
+        """Memory held: the arrays, and their base64 encodings once a response was built."""
+        body = self._encoded.get("body", {})
+        encoded = sum(len(v["npy"]) for v in body.values() if isinstance(v, dict) and "npy" in v)
+        return self.samples.nbytes + (self.observation_view.nbytes if self.observation_view is not None else 0) + encoded
 
 
 class Job:
