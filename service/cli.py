@@ -123,7 +123,7 @@ def cmd_solve(args) -> int:
 
 def cmd_serve(args) -> int:
     from service.server import serve
-    serve(host=args.host, port=args.port, models_dir=args.models, device=args.device)
+    serve(host=args.host, port=args.port, models_dir=args.models, device=args.device, data_dir=args.data_dir)
     return 0
 
 
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--models", default=None, help="an extra folder of checkpoints")
     v.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    v.add_argument("--data-dir", default=None,
+                   help="the durable job store (default: RECONSERVE_DATA_DIR, else var/ beside the checkout)")
     v.set_defaults(func=cmd_serve)
 
     try:

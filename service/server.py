@@ -56,9 +56,9 @@ class ReconserveServer(uvicorn.Server):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, models_dir: str | Path | None = None,
-          device: str | None = None, log_level: str = "info") -> None:
+          device: str | None = None, log_level: str = "info", data_dir: str | Path | None = None) -> None:
     """Serve the API on ``host:port``; settings come from ``RECONSERVE_*`` variables, with
-    ``models_dir`` and ``device`` overriding them when given."""
+    ``models_dir``, ``device`` and ``data_dir`` (the job store) overriding them when given."""
     from .app import create_app
     from .protocols import http_protocol
 
@@ -70,6 +70,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, models_dir: str | Path | No
         overrides["models_dir"] = Path(models_dir)
     if device is not None:
         overrides["device"] = device
+    if data_dir is not None:
+        overrides["data_dir"] = Path(data_dir)
     settings = Settings(**overrides)
     app = create_app(settings)
     config = uvicorn.Config(
