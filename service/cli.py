@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import sys
 from pathlib import Path
@@ -11,36 +10,25 @@ from pathlib import Path
 import numpy as np
 
 
+FILE_ENCODINGS = {".npy": "npy", ".png": "png", ".tif": "tiff", ".tiff": "tiff"}
+
+
+def encode_file(path: Path) -> dict:
+    """An array file as the API's encoding of it (``{"npy"|"png"|"tiff": base64}``), so the
+    server's decoders (scaling, channel order, checks) read it exactly as they read any request."""
+    kind = FILE_ENCODINGS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: not a .npy, .png or .tif file")
+    return {kind: base64.b64encode(path.read_bytes()).decode("ascii")}
+
+
 def _load_array(value, base: Path):
-    """An array in an operator JSON: nested list, ``{"npy": base64}``, or a path to .npy/.png/.tif."""
-    if isinstance(value, str) and value.lower().endswith((".npy", ".png", ".tif", ".tiff")):
-        p = (base / value) if not Path(value).is_absolute() else Path(value)
-        return read_array_file(p)
-    if isinstance(value, dict) and set(value) == {"npy"}:
-        return np.load(io.BytesIO(base64.b64decode(value["npy"])), allow_pickle=False)
-    if isinstance(value, list):
-        return np.asarray(value)
+    """Paths to .npy/.png/.tif files inside an operator JSON, relative to it, as their encoding."""
+    if isinstance(value, str) and value.lower().endswith(tuple(FILE_ENCODINGS)):
+        return encode_file((base / value) if not Path(value).is_absolute() else Path(value))
     if isinstance(value, dict):
         return {k: _load_array(v, base) for k, v in value.items()}
     return value
-
-
-def read_array_file(path: Path) -> np.ndarray:
-    """.npy as is; 8-bit images /255, 16-bit /65535, float TIFF as is."""
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-        a = tifffile.imread(path)
-    else:
-        from PIL import Image
-        a = np.asarray(Image.open(path))
-    if a.dtype == np.uint8:
-        return a.astype(np.float64) / 255
-    if a.dtype == np.uint16:
-        return a.astype(np.float64) / 65535
-    return a.astype(np.float64)
 
 
 def _parse_params(items) -> dict:
@@ -67,58 +55,82 @@ def cmd_models(args) -> int:
 
 
 def cmd_solve(args) -> int:
-    op_path = Path(args.operator)
-    spec = json.loads(op_path.read_text())
-    spec = _load_array(spec, op_path.parent)
-    y = read_array_file(Path(args.observation))
-    if y.ndim == 2:  # a grayscale image: one channel
-        y = y[None]
+    """One reconstruction, locally (the server's validation and sampler driver, in this process)
+    or through a server (``--server``; progress from its event stream). Bad input: a clear
+    message and exit code 2, never a traceback."""
+    from tqdm import tqdm
+
+    from service.client import Client, ServiceError
+    from service.errors import ApiError
+
+    try:
+        op_path = Path(args.operator)
+        spec = _load_array(json.loads(op_path.read_text()), op_path.parent)
+        y = encode_file(Path(args.observation))
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read the operator or observation: {e}", file=sys.stderr)
+        return 2
     params = _parse_params(args.param)
     if args.steps is not None:
         params["steps"] = args.steps
-    pde_spec = {"kind": args.pde} if args.pde else None
-    if args.server:
-        from service.client import Client
-        client = Client(args.server, api_key=args.api_key)
-        res = client.reconstruct(args.model, spec, y, noise_sigma=args.noise_sigma,
-                                 method=({"name": args.method, **params} if args.method else (params or None)),
-                                 num_samples=args.samples, seed=args.seed, pde=pde_spec,
-                                 return_=("mean", "std", "samples"), completion=args.completion)
-        out = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
-        meta = {k: v for k, v in res.items() if not isinstance(v, np.ndarray)}
-    else:
-        import torch
-        from tqdm import tqdm
+    method = {"name": args.method, **params} if args.method else (params or None)
+    body = Client._body(args.model, spec, y, args.noise_sigma, method, args.samples, args.seed,
+                        {"kind": args.pde} if args.pde else None, ("mean", "std", "samples"), args.completion)
+    bars: list = []  # made at the first progress event (none when the request is refused)
 
-        from guidance.solve import solve
-        from models.checkpoint import default_checkpoint_dir, load_models
-        from operators.spec import build_operator, build_pde
-        torch.set_num_threads(args.threads) if args.threads else None
-        models = load_models(default_checkpoint_dir(), *([args.models] if args.models else []))
-        if args.model not in models:
-            print(f"unknown model {args.model!r}; known: {sorted(models)}", file=sys.stderr)
-            return 2
-        model = models[args.model]
-        shape = tuple(model.card["shape"])
-        operator = build_operator(spec, shape)
-        pde = build_pde(pde_spec, shape, model.card.get("pde") or {}) if pde_spec else None
-        bar = tqdm(unit="step", file=sys.stderr)
-
-        def progress(e):
-            bar.total = e["total"]
-            bar.update(1)
-        sol = solve(model, operator, y, noise_sigma=args.noise_sigma, pde=pde, method=args.method,
-                    params=params, num_samples=args.samples, seed=args.seed, callback=progress,
-                    completion=args.completion)
-        bar.close()
-        out = {"mean": sol.mean, "samples": sol.samples}
-        if sol.std is not None:
-            out["std"] = sol.std
-        meta = {"nfe": sol.nfe, "elapsed_s": sol.elapsed_s, "seed": sol.seed, "method": sol.method,
-                "metrics": sol.metrics, "model": args.model}
+    def progress(e):
+        step, total = (e["progress"]["step"], e["progress"]["total"]) if "progress" in e else (e["i"] + 1, e["total"])
+        if not bars:
+            bars.append(tqdm(unit="step", total=total, file=sys.stderr))
+        bars[0].total, bars[0].n = total, step
+        bars[0].refresh()
+    try:
+        if args.server:
+            with Client(args.server, api_key=args.api_key) as client:
+                job_id = client.submit_body(body)
+                progress(client.wait(job_id, progress=progress))
+                res = client.result(job_id)
+        else:
+            res = _solve_locally(body, args, progress)
+    except (ApiError, ServiceError) as e:
+        print(f"\nerror: {e.code}: {e.message}" if bars else f"error: {e.code}: {e.message}", file=sys.stderr)
+        return 2
+    finally:
+        for bar in bars:
+            bar.close()
+    out = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
+    meta = {k: v for k, v in res.items() if not isinstance(v, np.ndarray) and v is not None}
     np.savez(args.out, **out, meta=np.asarray(json.dumps(meta)))
     print(json.dumps(meta))
     return 0
+
+
+def _solve_locally(body: dict, args, progress) -> dict:
+    """The request as the server would run it alone: ``prepare`` (every check the server makes),
+    the sampler driver, completion and metrics; torch threads as the server's default."""
+    import torch
+
+    from guidance.driver import BatchItem, sample_batch
+    from models.checkpoint import default_checkpoint_dir, load_models
+    from operators.spec import OPERATORS
+    from guidance.registry import METHODS
+    from service.jobs import finish_problem
+    from service.prepare import prepare
+    from service.schemas import make_request_model
+    from service.settings import Settings
+
+    settings = Settings()
+    torch.set_num_threads(args.threads or settings.torch_threads or torch.get_num_threads())
+    models = load_models(default_checkpoint_dir(), *([args.models] if args.models else []))
+    p = prepare(body, make_request_model(list(OPERATORS), list(METHODS)), models, settings)
+    with torch.no_grad():
+        run = sample_batch(p.model, p.plan, [BatchItem(p.operator, p.y, p.num_samples, p.seed)],
+                           noise_sigma=p.noise_sigma, pde=p.pde, device=settings.device, callback=progress)
+        x, metrics = finish_problem(p, run.samples[0])
+    samples = x.float().cpu().numpy()
+    return {"mean": samples.mean(0), "std": samples.std(0, ddof=1) if len(samples) > 1 else None,
+            "samples": samples, "nfe": run.nfe, "elapsed_s": run.seconds, "seed": p.seed,
+            "method": p.plan.describe(), "metrics": metrics, "model": p.model_id}
 
 
 def cmd_serve(args) -> int:
@@ -150,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="a method parameter (repeatable)")
     s.add_argument("--out", required=True, help="result .npz (mean, std, samples, meta)")
     s.add_argument("--models", help="an extra folder of checkpoints")
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the server's, RECONSERVE_TORCH_THREADS, 1)")
     s.add_argument("--server", default=None, help="send to a reconserve server at this URL instead")
     s.add_argument("--api-key", default=None)
     s.set_defaults(func=cmd_solve)

@@ -65,7 +65,7 @@ class Client:
             method = {"name": method}
         return {"model": model, "completion": completion,
                 "operator": walk_arrays(dict(operator), to_npy_field),
-                "observation": to_npy_field(np.asarray(observation)),
+                "observation": observation if isinstance(observation, dict) else to_npy_field(np.asarray(observation)),
                 "noise_sigma": float(noise_sigma), "pde": pde, "method": method,
                 "num_samples": int(num_samples), "seed": int(seed), "return": list(return_)}
 
@@ -114,6 +114,10 @@ class Client:
         restarting (503), so a retry never makes a second job."""
         body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_,
                           completion)
+        return self.submit_body(body, idempotency_key)
+
+    def submit_body(self, body: dict, idempotency_key: str | None = None) -> str:
+        """``submit`` of a request body already in the API's JSON form."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         for attempt in range(self.retries + 1):
             try:
