@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .deps import State
 from .errors import STATUS_CODES, ApiError, error_body, scrub
-from .routers import catalogue, health, jobs
+from .routers import catalogue, docs, health, jobs
 from .settings import Settings
 
 log = logging.getLogger("reconserve.app")
@@ -45,12 +45,13 @@ def create_app(settings: Settings | None = None, models: dict | None = None) -> 
             state.begin_shutdown()
             await run_in_threadpool(state.jobs.stop)
 
-    app = FastAPI(title="reconserve", version="1", lifespan=lifespan,
+    app = FastAPI(title="reconserve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Inverse problems solved with diffusion priors (docs/API.md).")
     app.state.reconserve = state
     add_error_handlers(app)
-    for router in (health.router, catalogue.router, jobs.router):
+    for router in (health.router, catalogue.router, jobs.router, docs.router):
         app.include_router(router)
+    app.mount(docs.PREFIX, docs.assets(), name="docs-assets")
     app.openapi = lambda: openapi(app, state)
     return app
 

@@ -22,12 +22,14 @@ OBSERVATION_SHAPES = {
 
 @router.get("/v1/models", response_model=schemas.ModelList, dependencies=READY, responses=ERROR_RESPONSES)
 async def list_models(state: State = Depends(get_state)):
+    """The served models, each with its card (shape, channels, units, PDE, recommended methods)."""
     return JSONResponse({"models": [public_card(m.card) for m in state.models.values()]})
 
 
 @router.get("/v1/models/{model_id}", response_model=schemas.ModelCard, dependencies=READY,
             responses=ERROR_RESPONSES)
 async def get_model(model_id: str, state: State = Depends(get_state)):
+    """One model's card."""
     m = state.models.get(model_id)
     if m is None:
         raise ApiError(404, "unknown_model", f"no model with this id; send one of {sorted(state.models)}")
@@ -36,6 +38,7 @@ async def get_model(model_id: str, state: State = Depends(get_state)):
 
 @router.get("/v1/operators", response_model=schemas.OperatorList, dependencies=AUTH, responses=ERROR_RESPONSES)
 async def list_operators():
+    """The operator kinds, each with the JSON schema of its parameters and its observation shape."""
     s = operator_schemas()
     return JSONResponse({"operators": [
         {"kind": k, "observation_shape": OBSERVATION_SHAPES.get(k, ""), "schema": s[k]} for k in OPERATORS]})
@@ -43,4 +46,5 @@ async def list_operators():
 
 @router.get("/v1/methods", response_model=schemas.MethodList, dependencies=AUTH, responses=ERROR_RESPONSES)
 async def list_methods():
+    """The sampling methods, each with its parameters, their defaults, and network evaluations per step."""
     return JSONResponse(public_card({"methods": [METHODS[n].describe() for n in METHODS]}))

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,8 +30,23 @@ from .common import ERROR_RESPONSES
 log = logging.getLogger("reconserve.app")
 router = APIRouter(tags=["jobs"])
 
+#: The request bodies of docs/examples (made by its make_examples.py), shown in /docs.
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "docs" / "examples"
+
+
+def _examples() -> dict:
+    out = {}
+    for path in sorted(EXAMPLES_DIR.glob("*-request.json")) if EXAMPLES_DIR.is_dir() else ():
+        try:
+            out[path.stem] = {"summary": f"docs/examples/{path.name}", "value": json.loads(path.read_text())}
+        except (OSError, ValueError):  # an example is a convenience, never a reason not to start
+            continue
+    return out
+
+
 BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/ReconstructionRequest"}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/ReconstructionRequest"},
+                         **({"examples": _examples()} if _examples() else {})},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "request": {"type": "string", "description": "the JSON body; arrays may be {\"file\": part}"}},
         "additionalProperties": {"type": "string", "format": "binary"}}}}}}
@@ -89,12 +105,14 @@ def _same_body(job: Job, key: str, digest: str, state: State) -> Job:
                  200: {"model": schemas.JobStatus, "description": "the job an Idempotency-Key named before"},
                  **ERROR_RESPONSES})
 async def submit_job(request: Request, state: State = Depends(get_state)):
+    """Submit a reconstruction: 202 once the job is durable, with `Location: /v1/jobs/{id}`. An `Idempotency-Key` already seen with the same body answers 200 with the same job."""
     job, new = await accept(request, state)
     return JSONResponse(job.status_dict(), 202 if new else 200, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/v1/jobs/{job_id}", response_model=schemas.JobStatus, dependencies=AUTH, responses=ERROR_RESPONSES)
 async def job_status(job: Job = Depends(get_job)):
+    """A job's status and progress."""
     return JSONResponse(job.status_dict())
 
 
@@ -102,6 +120,7 @@ async def job_status(job: Job = Depends(get_job)):
     200: {"content": {"text/event-stream": {}}, "description": "progress events, then one status event"},
     **ERROR_RESPONSES})
 async def job_events(job: Job = Depends(get_job), state: State = Depends(get_state)):
+    """Server-sent events: `progress` events, then one `status` event (the final status, or the status at a shutdown with `"server": "shutting_down"`)."""
     return StreamingResponse(sse(job, state), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -109,6 +128,7 @@ async def job_events(job: Job = Depends(get_job), state: State = Depends(get_sta
 @router.get("/v1/jobs/{job_id}/result", response_model=schemas.Result, dependencies=AUTH,
             responses={200: {"content": {"application/x-npy": {}}}, **ERROR_RESPONSES})
 async def job_result(request: Request, job: Job = Depends(get_job), state: State = Depends(get_state)):
+    """The result of a succeeded job (`Accept: application/x-npy` gives the mean as .npy); 409 while it runs; the job's error when it failed; 410 past retention."""
     result = await finished(job, state)
     if "application/x-npy" in request.headers.get("accept", ""):
         data = await run_in_threadpool(lambda: npy_bytes(result.mean.astype("float32")))
@@ -120,6 +140,7 @@ async def job_result(request: Request, job: Job = Depends(get_job), state: State
 @router.get("/v1/jobs/{job_id}/result.png", dependencies=AUTH,
             responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES})
 async def job_result_png(job: Job = Depends(get_job), state: State = Depends(get_state)):
+    """A picture of the result: observation, mean and std (with a colour scale)."""
     from ..render import render_png
     result = await finished(job, state)
     model = (state.models or {}).get(job.model_id)
@@ -143,6 +164,7 @@ async def cancel_job(job: Job = Depends(get_job), state: State = Depends(get_sta
 @router.post("/v1/reconstruct", response_model=schemas.Result, dependencies=READY,
              openapi_extra={**BODY_DOC}, responses=ERROR_RESPONSES)
 async def reconstruct(request: Request, state: State = Depends(get_state)):
+    """Submit and wait: the same body as `POST /v1/jobs`, answered with the `Result` (200)."""
     job, _ = await accept(request, state)
     await wait_done(job, state, request)
     result = await finished(job, state)
