@@ -3,6 +3,8 @@
 PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
 
 .PHONY: setup test serve clean
 
@@ -19,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 serve: $(STAMP)
-	.venv/bin/reconserve serve
+	.venv/bin/reconserve serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf .venv
