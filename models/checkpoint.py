@@ -1,6 +1,9 @@
 """Safe checkpoints: safetensors weights plus a JSON card beside them; never pickled code.
 
 A checkpoint is a folder ``checkpoints/<id>/`` holding ``card.json`` and ``weights.safetensors``.
+The card's ``architecture.name`` says which network to rebuild: ``unet`` (trained here), ``adm``
+(guided-diffusion) or ``diffusers`` (``UNet2DModel``), see :mod:`models.formats`, which also
+imports outside checkpoints into such folders (``reconserve import``).
 The card holds everything needed to use the weights: the architecture and its arguments,
 the parameterization and sigma range, the per-channel normalization to physical units
 (``x_phys = shift + scale * x_net``), channel names, the PDE and grid for PDE models,
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .denoiser import Denoiser, EDMPrecond
 from .grf import GRFDenoiser
@@ -89,9 +92,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> L
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise CheckpointError(f"{folder / CARD} misses {missing}")
-    net = build_network(card["architecture"])
-    net.load_state_dict(load_file(str(folder / WEIGHTS), device="cpu"))
-    den = wrap_network(net, card).to(device).eval()
+    from .formats import load_denoiser  # the card's architecture names the format (ours, adm, diffusers)
+
+    den = load_denoiser(folder, card).to(device).eval()
     for p in den.parameters():
         p.requires_grad_(False)
     return LoadedModel(card, den)

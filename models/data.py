@@ -308,8 +308,10 @@ def load_file(path: str | Path) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as im:
-            if im.mode in ("P", "LA", "PA"):
-                im = im.convert("RGBA" if "A" in im.mode else "RGB")
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGB")
+            if im.mode in ("LA", "RGBA"):  # alpha is not intensity: dropped (as the service's PNG codec does)
+                im = im.convert(im.mode[:-1])
             arr = np.asarray(im)
             if im.mode.startswith("I;16"):
                 arr = arr.astype(np.uint16)
@@ -323,18 +325,60 @@ def load_file(path: str | Path) -> np.ndarray:
     raise ValueError(f"unsupported file type {path}")
 
 
-def load_folder(path: str | Path) -> np.ndarray:
-    """Every ``.npy`` / ``.png`` / ``.tif`` file in ``path`` (sorted by name) as ``[num, C, H, W]`` float32."""
+RESIZE_RULE = ("the centred square crop (side min(H, W)) of every image, resized to N x N with antialiased "
+               "bilinear interpolation (torch interpolate, antialias=True)")
+
+
+def center_crop_resize(arr: np.ndarray, n: int) -> np.ndarray:
+    """``[N, C, H, W]`` -> ``[N, C, n, n]``: the centred square crop, then an antialiased bilinear resize.
+
+    Images already ``n x n`` are returned unchanged (bit for bit)."""
+    if arr.ndim != 4:
+        raise ValueError(f"expected [N, C, H, W], got {arr.shape}")
+    h, w = arr.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    arr = arr[..., top:top + side, left:left + side]
+    if side == n:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    y = torch.nn.functional.interpolate(x, size=(n, n), mode="bilinear", align_corners=False, antialias=side > n)
+    return y.numpy()
+
+
+def folder_files(path: str | Path) -> list[Path]:
+    """The data files of a folder (or the one file), sorted by name."""
     path = Path(path)
     if path.is_file():
-        return load_file(path)
+        return [path]
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npy",) + _IMAGE_EXT)
     if not files:
         raise ValueError(f"no .npy/.png/.tif files in {path}")
-    arrays = [load_file(p) for p in files]
+    return files
+
+
+def is_image_folder(path: str | Path) -> bool:
+    """Whether every data file in ``path`` is an image (PNG/TIFF) rather than ``.npy``."""
+    return all(p.suffix.lower() in _IMAGE_EXT for p in folder_files(path))
+
+
+def load_folder(path: str | Path, resolution: int | None = None) -> np.ndarray:
+    """Every ``.npy`` / ``.png`` / ``.tif`` file in ``path`` (sorted by name) as ``[num, C, H, W]`` float32.
+
+    With ``resolution`` each file is brought to ``resolution x resolution`` first (see
+    :data:`RESIZE_RULE`), so images of different sizes can share a folder; without it all files
+    must have the same shape. Alpha channels of PNGs are dropped.
+    """
+    arrays = []
+    for p in folder_files(path):
+        a = load_file(p)
+        arrays.append(center_crop_resize(a, resolution) if resolution else a)
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"files in {path} have different shapes {sorted(shapes)}")
+        hint = "" if resolution else " (give a resolution to crop and resize them to one size)"
+        raise ValueError(f"files in {path} have different shapes {sorted(shapes)}{hint}")
     return np.concatenate(arrays, axis=0)
 
 

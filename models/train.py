@@ -17,6 +17,12 @@ Denoising score matching with EDM's preconditioning (``EDMPrecond(UNet)``), nois
   on (``d4``: x/y flips and transposes) for the PDE sets. Phantoms use x/y flips only
   (heads are upright and taller than wide, a transpose would change that distribution).
   Folders of user data get none unless ``--augment`` says so.
+* A folder of your own data (``--data PATH``: ``.png``/``.tif`` images or ``.npy`` arrays) is used
+  at its native size, or with ``--resolution N`` brought to ``N x N``: the centred square crop of
+  each image (side ``min(H, W)``), resized with antialiased bilinear interpolation (so images of
+  different sizes may share the folder). The card records the channels (``gray`` or ``r, g, b``
+  for images), ``value_range`` ``[0, 1]`` for images (8/16-bit files are scaled into it) or the
+  data range for arrays, and recommends the ``fast`` method with 50 steps.
 * Resumable: every ``--save-every`` steps, at the end, at ``--time-limit-min`` and on
   SIGINT/SIGTERM it writes the full state (model, EMA, Adam moments, RNG state; no pickle)
   to ``runs/<id>/state.safetensors`` + ``state.json``, the same state to
@@ -45,6 +51,7 @@ from safetensors.torch import load_file, save_file
 
 from . import data as D
 from .checkpoint import CARD, WEIGHTS, save_checkpoint
+from .formats import DEFAULT_METHODS
 from .denoiser import EDMPrecond
 from .unet import UNet
 
@@ -66,7 +73,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Arguments of ``reconserve train`` (defaults in brackets; ``None`` ones fall back to a saved state)."""
     a = parser.add_argument
     a("--data", default=None, help="darcy | poisson | helmholtz | phantom | PATH to a folder of .npy/.png/.tif [darcy]")
-    a("--resolution", type=int, default=None, help="grid size N of generated data [64]")
+    a("--resolution", type=int, default=None,
+      help="grid size N of generated data [64]; for a folder, images are brought to N x N: the centred square "
+           "crop (side min(H, W)) of each image, resized with antialiased bilinear interpolation "
+           "(without it a folder is used at its native size, all files alike)")
     a("--out", default=None, help="checkpoint folder checkpoints/ID [checkpoints/<data>-<N>]")
     a("--runs-dir", default="runs", help="where runs/<id>/ (state, generated data, log) lives [runs]")
     a("--steps", type=int, default=None, help="total optimizer steps (counting resumed ones) [20000]")
@@ -180,7 +190,7 @@ def edm_loss(precond: EDMPrecond, x: torch.Tensor, gen: torch.Generator) -> torc
 def load_training_data(cfg: dict, run_dir: Path) -> tuple[np.ndarray, dict | None]:
     """Generated data (cached in ``run_dir/data.npy``, regenerated if absent) or a user folder."""
     if cfg["data"] not in D.KINDS:
-        arr = D.load_folder(cfg["data"])
+        arr = D.load_folder(cfg["data"], cfg["resolution"] if cfg.get("resize") else None)
         return arr, D.load_meta(cfg["data"])
     path, mpath = run_dir / "data.npy", run_dir / "data_meta.json"
     want = {"kind": cfg["data"], "n": cfg["resolution"], "seed": cfg["data_seed"], "count": cfg["num_examples"]}
@@ -203,7 +213,13 @@ def load_training_data(cfg: dict, run_dir: Path) -> tuple[np.ndarray, dict | Non
 
 # ----------------------------------------------------------------------------- card
 def build_card(cfg: dict, kind: str, shape, shift, scale, meta: dict | None, train_info: dict,
-               existing: dict | None) -> dict:
+               existing: dict | None, folder: dict | None = None) -> dict:
+    """The card of a trained model. ``folder`` (user data): ``{"images": bool, "min": float, "max": float}``.
+
+    Image folders (PNG/TIFF) get ``value_range [0, 1]`` (integer images are scaled into it; float
+    TIFFs outside it get their data range) and channels ``gray`` or ``r, g, b``; ``.npy`` folders
+    their data range. Every new card recommends :data:`models.formats.DEFAULT_METHODS`.
+    """
     n = shape[-1]
     grid = {"n": n, "h": 1.0 / (n - 1), "domain": [0, 1]}
     bc = "u=0 on boundary nodes"
@@ -231,7 +247,18 @@ def build_card(cfg: dict, kind: str, shape, shift, scale, meta: dict | None, tra
         value_range = [0.0, 1.0]
         desc = f"Random Shepp-Logan-like phantoms, {n}x{n}, intensities in [0, 1]."
     else:
-        desc = f"Prior trained on the images in {cfg['data']}."
+        f = folder or {}
+        lo, hi = f.get("min"), f.get("max")
+        if f.get("images"):
+            value_range = [0.0, 1.0] if lo is None or (lo >= 0.0 and hi <= 1.0) else [_round(lo), _round(hi)]
+            if not channels and shape[0] in (1, 3):
+                channels = ["gray"] if shape[0] == 1 else ["r", "g", "b"]
+        elif lo is not None:
+            value_range = [_round(lo), _round(hi)]
+        how = (f"brought to {shape[-2]}x{shape[-1]} ({D.RESIZE_RULE})" if cfg.get("resize")
+               else f"at their native size {shape[-2]}x{shape[-1]}")
+        desc = (f"Prior trained on the {'images' if f.get('images') else 'arrays'} in {cfg['data']}, {how}; "
+                f"values in {value_range}.")
     if not channels or len(channels) != shape[0]:
         channels = ["intensity"] if shape[0] == 1 else [f"c{i}" for i in range(shape[0])]
     card = {
@@ -249,10 +276,12 @@ def build_card(cfg: dict, kind: str, shape, shift, scale, meta: dict | None, tra
         "value_range": value_range,
         "description": cfg.get("description") or desc,
         "training": train_info,
-        "methods": [],
+        "methods": [dict(m) for m in DEFAULT_METHODS],
     }
     if existing:  # keep what others added (recommended methods, validation, ...)
         for k, v in existing.items():
+            if k == "methods" and not v:  # an empty list (older cards): the default stays
+                continue
             if k not in card or k in ("methods", "validation"):
                 card[k] = v
         if cfg.get("description") is None and existing.get("description"):
@@ -438,12 +467,17 @@ def run_train(args: argparse.Namespace) -> Path:
                          "blocks_per_level": a.get("blocks_per_level", 1), "attention": a.get("attention", True)}
     cfg = _resolve_config(args, saved_cfg)
     cfg["id"] = run_id
+    if cfg["data"] not in D.KINDS:  # a folder: --resolution crops and resizes (remembered for --resume)
+        cfg["resize"] = (bool(saved_cfg["resize"]) if saved_cfg is not None and "resize" in saved_cfg
+                         else args.resolution is not None)
 
     # --- data, normalization
     data, meta = load_training_data(cfg, run_dir)
     kind = data_kind(cfg, meta)
+    folder_info = None
     if cfg["data"] not in D.KINDS:
         cfg["resolution"] = int(data.shape[-1])
+        folder_info = {"images": D.is_image_folder(cfg["data"]), "min": float(data.min()), "max": float(data.max())}
     shape = tuple(int(s) for s in data.shape[1:])
     if isinstance(source, tuple) and "normalization" in source[0]:
         shift, scale = source[0]["normalization"]["shift"], source[0]["normalization"]["scale"]
@@ -478,6 +512,9 @@ def run_train(args: argparse.Namespace) -> Path:
 
     data_info = {"data": cfg["data"], "data_seed": cfg["data_seed"] if cfg["data"] in D.KINDS else None,
                  "num_examples": int(x_all.shape[0])}
+    if folder_info is not None:
+        data_info["preprocessing"] = (f"{D.RESIZE_RULE}, N = {cfg['resolution']}" if cfg.get("resize")
+                                      else "none: native size")
     extra = {"normalization": {"shift": shift, "scale": scale}, "data_meta": meta, "kind": kind,
              "augment": aug}
     hardware = _hardware(device)
@@ -506,7 +543,7 @@ def run_train(args: argparse.Namespace) -> Path:
                       "seed": cfg["seed"], "wall_time_s": round(tr.wall_time, 1), "hardware": hardware,
                       "final_loss": tr.loss_ema, "started": tr.started, "updated": _now(),
                       "parameters": n_params, "config": cfg}
-        card = build_card(cfg, kind, shape, shift, scale, meta, train_info, existing)
+        card = build_card(cfg, kind, shape, shift, scale, meta, train_info, existing, folder_info)
         save_checkpoint(ckpt, tr.ema, card)
 
     # --- stop on SIGINT / SIGTERM: finish the step, save, return

@@ -139,6 +139,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    """Import an outside checkpoint into a servable folder (safetensors + card.json)."""
+    from models.checkpoint import CheckpointError
+    from models.formats import import_model
+
+    try:
+        folder = import_model(args.format, args.source, args.out, model_id=args.id, config=args.config,
+                              description=args.description, overwrite=args.overwrite)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"reconserve import: {e}", file=sys.stderr)
+        return 2
+    card = json.loads((Path(folder) / "card.json").read_text())
+    p = card["parameterization"]
+    src = (card.get("training") or {}).get("source") or {}
+    print(f"wrote {folder}: model {card['id']!r}, {card['kind']} {'x'.join(map(str, card['shape']))} "
+          f"channels={','.join(card['channels'])} value_range={card.get('value_range')}")
+    print(f"  {card['architecture']['name']} network, {p.get('kind')} {p.get('prediction', '')}, "
+          f"sigma {card['sigma_min']:.4g}..{card['sigma_max']:.4g}, default method {(card.get('methods') or [{}])[0]}")
+    if src.get("inferred"):
+        print(f"  not stored in the weights, assumed: {', '.join(src['inferred'])} "
+              f"(see training.source.settings in the card; pass --config to set them)")
+    print(f"serve it: reconserve serve --models {Path(folder).parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data-dir", default=None,
                    help="the durable job store (default: RECONSERVE_DATA_DIR, else var/ beside the checkout)")
     v.set_defaults(func=cmd_serve)
+
+    i = sub.add_parser("import", help="import an outside checkpoint (guided-diffusion/ADM, diffusers) for serving",
+                       description="Write a servable folder (weights.safetensors + card.json) from an outside "
+                                   "checkpoint; `reconserve serve --models DIR` serves every such folder in DIR. "
+                                   "Pickles with code (an EDM .pkl) are refused.")
+    i.add_argument("format", choices=["adm", "diffusers", "reconserve", "auto"],
+                   help="adm: a guided-diffusion .pt/.pth state dict (or .safetensors); diffusers: a UNet2DModel "
+                        "folder or a pipeline folder with unet/ and scheduler/; reconserve: a card.json folder; "
+                        "auto: detect")
+    i.add_argument("source", help="the checkpoint file or folder")
+    i.add_argument("--out", required=True, help="the folder to write (e.g. models/ffhq-256)")
+    i.add_argument("--id", default=None, help="the model id (default: the --out folder's name)")
+    i.add_argument("--config", action="append", metavar="FILE",
+                   help="YAML or JSON settings (repeatable, later files win): for adm the guided-diffusion keys of "
+                        "DPS's model_config.yaml / diffusion_config.yaml (image_size, num_channels, num_res_blocks, "
+                        "attention_resolutions, channel_mult, learn_sigma, num_heads, num_head_channels, "
+                        "noise_schedule, ...); for diffusers scheduler keys and image_size")
+    i.add_argument("--description", default=None, help="the card's description (what the model was trained on)")
+    i.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    i.set_defaults(func=cmd_import)
 
     try:
         from models.train import add_train_arguments, run_train

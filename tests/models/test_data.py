@@ -143,3 +143,28 @@ def test_load_folder_formats(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError):
         D.load_folder(tmp_path / "empty")
+
+
+def test_center_crop_resize_and_alpha(tmp_path):
+    from PIL import Image
+
+    # the centred square: a 4 x 8 image keeps columns 2..5
+    x = np.arange(32, dtype=np.float32).reshape(1, 1, 4, 8)
+    assert np.array_equal(D.center_crop_resize(x, 4), x[..., 2:6])
+    # downsizing a constant image keeps it constant (antialiased bilinear), a smooth ramp stays a ramp
+    big = np.full((2, 3, 128, 96), 0.25, np.float32)
+    small = D.center_crop_resize(big, 32)
+    assert small.shape == (2, 3, 32, 32) and np.allclose(small, 0.25)
+    ramp = np.broadcast_to(np.linspace(0, 1, 128, dtype=np.float32), (1, 1, 128, 128))
+    r = D.center_crop_resize(ramp, 32)[0, 0, 0]
+    assert np.all(np.diff(r) > 0) and abs(r.mean() - 0.5) < 1e-3
+    # a folder of mixed sizes loads at one resolution; alpha channels are dropped
+    f = tmp_path / "mixed"
+    f.mkdir()
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(f / "a.png")  # RGBA
+    Image.fromarray(np.full((48, 80, 3), 255, np.uint8)).save(f / "b.png")
+    with pytest.raises(ValueError, match="resolution"):
+        D.load_folder(f)
+    x = D.load_folder(f, resolution=16)
+    assert x.shape == (2, 3, 16, 16) and np.allclose(x[0], 0) and np.allclose(x[1], 1)
+    assert D.is_image_folder(f) and D.is_image_folder(f / "a.png")

@@ -54,7 +54,8 @@ def test_tiny_darcy_run_writes_loadable_checkpoint(tmp_path):
     assert c["normalization"]["scale"][1] > 0
     assert c["pde"]["kind"] == "darcy" and c["pde"]["f"] == 1.0
     assert c["pde"]["grid"] == {"n": 16, "h": 1 / 15, "domain": [0, 1]}
-    assert c["value_range"] == {"a": [3.0, 12.0]} and c["methods"] == [] and c["description"]
+    assert c["value_range"] == {"a": [3.0, 12.0]} and c["methods"] == [{"name": "fast", "steps": 50}]
+    assert c["description"]
     t = c["training"]
     for key in ("data", "data_seed", "num_examples", "steps", "batch", "lr", "wall_time_s", "hardware",
                 "final_loss", "started", "updated"):
@@ -137,3 +138,60 @@ def test_resume_from_bare_weights(tmp_path):
     model = {k[6:]: v for k, v in _tensors(ck, "resume.safetensors").items() if k.startswith("model.")}
     assert model.keys() == ema.keys()  # one fresh step away from the old EMA weights
     assert max(float((model[k] - ema[k]).abs().max()) for k in ema) < 1e-2
+
+
+def _run_folder(tmp_path, *extra, out):
+    """A tiny run on a folder, as `reconserve train` below gets it (no --resolution, --num-examples)."""
+    tiny = ["--threads", "1", "--base-channels", "8", "--channel-mult", "1,2", "--batch", "2", "--log-every", "1"]
+    args = add_train_arguments(argparse.ArgumentParser()).parse_args(
+        [*tiny, "--out", str(tmp_path / out), "--runs-dir", str(tmp_path / "runs"), *extra])
+    return run_train(args)
+
+
+def _pngs(folder, shapes, seed=0):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i, shape in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("rgb", [True, False])
+def test_folder_of_pngs_is_resized_and_carded(tmp_path, rgb):
+    """`reconserve train --data FOLDER --resolution 32` on 128 x 128 PNGs: a 32 x 32 model whose card says
+    what it is (value range, channels, a default method) and serves."""
+    from service.cli import main as cli
+
+    c = 3 if rgb else 1
+    shape = (128, 128, 3) if rgb else (128, 128)
+    folder = _pngs(tmp_path / "lab", [shape] * 5 + [(160, 128, 3) if rgb else (128, 192)])  # one not square
+    rc = cli(["train", "--data", str(folder), "--resolution", "32", "--steps", "2", "--batch", "2",
+              "--base-channels", "8", "--channel-mult", "1,2", "--threads", "1", "--save-every", "0",
+              "--out", str(tmp_path / "ck" / "lab-32"), "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    ck = tmp_path / "ck" / "lab-32"
+    card = json.loads((ck / "card.json").read_text())
+    assert card["shape"] == [c, 32, 32] and card["kind"] == "image" and card["pde"] is None
+    assert card["channels"] == (["r", "g", "b"] if rgb else ["gray"])
+    assert card["value_range"] == [0.0, 1.0]
+    assert card["methods"] == [{"name": "fast", "steps": 50}]
+    assert card["training"]["num_examples"] == 6 and card["training"]["config"]["resize"] is True
+    assert "centred square crop" in card["training"]["preprocessing"] and "32x32" in card["description"]
+    m = load_checkpoint(ck)
+    assert m.denoiser(torch.randn(1, c, 32, 32), 1.0).shape == (1, c, 32, 32)
+    # resuming keeps the crop-and-resize (structural), a different resolution is refused
+    with pytest.raises(SystemExit, match="resolution"):
+        _run_folder(tmp_path, "--data", str(folder), "--resolution", "16", "--steps", "3", "--resume", out="ck/lab-32")
+    _run_folder(tmp_path, "--data", str(folder), "--steps", "3", "--resume", "--batch", "2", "--save-every", "0",
+                out="ck/lab-32")
+    assert json.loads((ck / "card.json").read_text())["shape"] == [c, 32, 32]
+
+
+def test_folder_without_resolution_keeps_its_size(tmp_path):
+    folder = _pngs(tmp_path / "lab", [(16, 24)] * 3)
+    ck = _run_folder(tmp_path, "--data", str(folder), "--steps", "1", "--save-every", "0", out="ck/native")
+    card = json.loads((ck / "card.json").read_text())
+    assert card["shape"] == [1, 16, 24] and card["channels"] == ["gray"] and card["value_range"] == [0.0, 1.0]
+    assert card["training"]["preprocessing"] == "none: native size"
