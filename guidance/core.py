@@ -1,7 +1,13 @@
 """Shared solver cores in sigma-space (``x = x0 + sigma * n``): Euler, Heun, ancestral, Langevin.
 
 Everything here is a small pure function; the samplers in this package compose them
-with a guidance term. State is float64; the network runs in its own dtype.
+with a guidance term. The state's dtype is the observation's (``state_dtype``: float64 on the
+CPU, float32 on an accelerator, unless overridden); the network runs in its own dtype.
+
+Device rules (CUDA): nothing inside a step waits for the device. Random numbers are drawn on
+the state's device from per-job generators (``SplitGenerator``), the schedule is read into
+Python floats once before the loop (``levels``), and the finiteness check is deferred
+(``Progress``): a divergence is recorded on the device and read every ``CHECK_EVERY`` steps.
 """
 from __future__ import annotations
 
@@ -10,6 +16,40 @@ from typing import Callable, Optional
 import torch
 
 Callback = Optional[Callable[[dict], None]]
+
+#: On an accelerator, the deferred finiteness check is read (one synchronisation) this often.
+CHECK_EVERY = 16
+
+
+def state_dtype(device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The sampler state's dtype on ``device``: ``dtype`` when given ("float32", "float64" or a
+    torch dtype), else float64 on the CPU (cheap there, and the exact-posterior checks want it)
+    and float32 on an accelerator (float64 runs at a small fraction of float32 speed on GPUs;
+    the network itself is float32 or lower anyway)."""
+    if dtype is not None:
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if dt not in (torch.float32, torch.float64):
+            raise ValueError(f"the state dtype must be float32 or float64, not {dtype}")
+        return dt
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def state_dtype_of(y: torch.Tensor) -> torch.dtype:
+    """The state dtype a sampler uses for the observation ``y``: ``y``'s own when it is float32
+    or float64 (the driver casts ``y`` with ``state_dtype``), the device's default otherwise."""
+    return y.dtype if y.dtype in (torch.float32, torch.float64) else state_dtype(y.device)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A seeded generator on ``device``: random numbers are drawn where the state lives (no
+    host-to-device copy per step). A seed's stream differs between the CPU and CUDA."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+def levels(sigmas) -> list[float]:
+    """The schedule as Python floats, read once before the loop (``float(sigmas[i])`` of a
+    device tensor would wait for the device at every step)."""
+    return torch.as_tensor(sigmas).detach().to("cpu", torch.float64).tolist()
 
 
 class DivergedError(RuntimeError):
@@ -26,8 +66,10 @@ class SplitGenerator:
     def randn(self, shape, dtype, device) -> torch.Tensor:
         if sum(n for _, n in self.parts) != shape[0]:
             raise ValueError("SplitGenerator blocks do not add up to the batch size")
-        return torch.cat([torch.randn((n,) + tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
-                          for g, n in self.parts]).to(device)
+        blocks = [torch.randn((n,) + tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
+                  for g, n in self.parts]
+        # (each block on its generator's device: generators on the state's device copy nothing)
+        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).to(device)
 
 
 def randn(shape, generator, dtype=torch.float64, device="cpu") -> torch.Tensor:
@@ -41,9 +83,10 @@ def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
     return randn(x.shape, generator, x.dtype, x.device)
 
 
-def init_state(num: int, shape, sigma0: float, generator, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``x_0 ~ N(0, sigma0^2 I)`` in float64."""
-    return sigma0 * randn((num,) + tuple(shape), generator, torch.float64, device)
+def init_state(num: int, shape, sigma0: float, generator, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``x_0 ~ N(0, sigma0^2 I)`` in ``dtype`` (float64 unless told)."""
+    return sigma0 * randn((num,) + tuple(shape), generator, dtype, device)
 
 
 def col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -80,10 +123,14 @@ def snr_step_size(score: torch.Tensor, noise: torch.Tensor, snr: float) -> torch
     return 2 * (snr * noise.flatten(1).norm(dim=1) / grad_norm) ** 2
 
 
+def _diverged(step: int) -> DivergedError:
+    return DivergedError(f"the sampler produced non-finite values at step {step}; "
+                         "lower the guidance weight (zeta / lam) or use more steps")
+
+
 def check_finite(x: torch.Tensor, step: int) -> None:
     if not bool(torch.isfinite(x).all()):
-        raise DivergedError(f"the sampler produced non-finite values at step {step}; "
-                            "lower the guidance weight (zeta / lam) or use more steps")
+        raise _diverged(step)
 
 
 def report(callback: Callback, i: int, total: int, sigma, x, x0) -> None:
@@ -91,6 +138,51 @@ def report(callback: Callback, i: int, total: int, sigma, x, x0) -> None:
     check_finite(x, i)
     if callback is not None:
         callback({"i": i, "total": total, "sigma": float(sigma), "x": x, "x0_hat": x0})
+
+
+class Progress:
+    """A sampler's per-step report: the finiteness check, then the callback
+    ``{i, total, sigma, x, x0_hat}`` (it may raise to cancel; ``sigma`` is a Python float).
+
+    On the CPU the state is checked at every step, so a divergence stops the run at once (as
+    ``report``). On an accelerator that check would wait for the device at every step: instead
+    the first non-finite step is kept on the device (no synchronisation) and read every
+    ``check_every`` steps and by ``done``, so a run stops at most that many steps late and the
+    error still names the step where the state stopped being finite. The callback itself
+    reads no tensor: what it does with ``x`` is its own affair.
+    """
+
+    def __init__(self, callback: Callback, total: int, x: torch.Tensor, check_every: int | None = None,
+                 eager: bool | None = None):
+        self.callback, self.total = callback, int(total)
+        self.eager = x.device.type == "cpu" if eager is None else bool(eager)
+        self.every = max(1, int(check_every or CHECK_EVERY))
+        self.first_bad: torch.Tensor | None = None  # int64 0-d on the device; == total: all finite
+
+    def __call__(self, i: int, sigma, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if self.eager:
+            check_finite(x, i)
+        else:
+            bad = (~torch.isfinite(x).all()).long()
+            step = self.total + bad * (i - self.total)  # i where non-finite, total otherwise
+            self.first_bad = step if self.first_bad is None else torch.minimum(self.first_bad, step)
+            if (i + 1) % self.every == 0:
+                self.check()
+        if self.callback is not None:
+            self.callback({"i": i, "total": self.total, "sigma": float(sigma), "x": x, "x0_hat": x0})
+
+    def check(self) -> None:
+        """Raise ``DivergedError`` if a step so far left a non-finite state (one synchronisation)."""
+        if self.first_bad is not None:
+            k = int(self.first_bad)
+            if k < self.total:
+                raise _diverged(k)
+
+    def done(self, x: torch.Tensor) -> torch.Tensor:
+        """The final check; returns ``x``."""
+        if not self.eager:
+            self.check()
+        return x
 
 
 def per_sample_norm(r: torch.Tensor) -> torch.Tensor:

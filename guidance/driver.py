@@ -7,6 +7,10 @@ stacks the observations along the batch (each problem's operator on its own rows
 back. A problem gets the samples it would get alone: bit for bit for float64 models, to
 float32 rounding of the network at another batch size otherwise. ``guidance.solve.solve``,
 the service's worker and the benches all sample through it.
+
+On a device other than the CPU the state is float32 (``core.state_dtype``; ``dtype`` overrides)
+and each problem's generator lives on that device, so a seed's samples differ between the CPU
+and CUDA (each is reproducible on its own, batched or alone).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from models.denoiser import CountingDenoiser
 from operators.base import Operator, Rescaled
 from operators.batched import BatchedOperator
 
-from .core import Callback, DivergedError, SplitGenerator
+from .core import Callback, DivergedError, SplitGenerator, make_generator, state_dtype
 from .registry import METHODS
 
 
@@ -36,7 +40,7 @@ class BatchItem:
 
 
 class BatchRun(NamedTuple):
-    samples: list[torch.Tensor]  # per item, [num_samples, C, H, W] float64, physical units
+    samples: list[torch.Tensor]  # per item, [num_samples, C, H, W] in the state dtype, physical units
     nfe: int  # network calls (each served every row of the batch)
     seconds: float  # sampler time
 
@@ -51,7 +55,7 @@ def network_problem(model, operator, y: torch.Tensor, pde=None):
 
 def sample_batch(model, plan, items: list[BatchItem], *, noise_sigma: float = 0.0, pde=None,
                  shared_svd: bool = False, device: str | torch.device = "cpu",
-                 callback: Callback = None) -> BatchRun:
+                 callback: Callback = None, dtype: torch.dtype | str | None = None) -> BatchRun:
     """Run ``plan`` (a ``guidance.solve.Plan``) once for every item of a batch.
 
     The items share the model, the plan, ``noise_sigma`` and the PDE term ``pde`` (physical
@@ -59,9 +63,11 @@ def sample_batch(model, plan, items: list[BatchItem], *, noise_sigma: float = 0.
     each operator acts on its own rows, and ``shared_svd`` says that they are all identical so
     one SVD serves the batch (projection ALD needs it; without it a batch of different SVDs
     raises ``operators.Unbatchable``). A ``DivergedError`` of the sampler passes through with
-    the network calls made until then as its ``nfe``.
+    the network calls made until then as its ``nfe``. The state (and the samples) are in
+    ``state_dtype(device, dtype)``: float64 on the CPU, float32 on CUDA unless ``dtype`` says.
     """
-    nets = [network_problem(model, it.operator, it.y.to(device=device, dtype=torch.float64)[None], pde)
+    dt = state_dtype(device, dtype)
+    nets = [network_problem(model, it.operator, it.y.to(device=device, dtype=dt)[None], pde)
             for it in items]
     counts = [it.num_samples for it in items]
     ops = [op for op, _, _ in nets]
@@ -70,11 +76,10 @@ def sample_batch(model, plan, items: list[BatchItem], *, noise_sigma: float = 0.
     y_all = torch.cat([y.expand((k,) + tuple(y.shape[1:])) for (_, y, _), k in zip(nets, counts)])
     pde_net = nets[0][2]
     den = CountingDenoiser(model.denoiser)
-    gen = SplitGenerator([(torch.Generator(device="cpu").manual_seed(int(it.seed)), it.num_samples)
-                          for it in items])
+    gen = SplitGenerator([(make_generator(it.seed, device), it.num_samples) for it in items])
     t0 = time.perf_counter()
     try:
-        x = METHODS[plan.name].sampler(den, operator, y_all, plan.sigmas.to(device), config=plan.config,
+        x = METHODS[plan.name].sampler(den, operator, y_all, plan.sigmas, config=plan.config,
                                        generator=gen, callback=callback, noise_sigma=float(noise_sigma),
                                        pde=pde_net)
     except DivergedError as e:

@@ -7,7 +7,9 @@ Signature (DESIGN.md contract 3)::
 
 ``y`` carries the batch: ``B = y.shape[0]`` posterior samples are drawn at once (each row
 may hold its own observation). ``operator`` and ``pde`` act on the network-space state
-(see ``operators.Rescaled``); ``sigmas`` is a decreasing schedule ending in 0.
+(see ``operators.Rescaled``); ``sigmas`` is a decreasing schedule ending in 0. The state has
+``y``'s dtype and device (``core.state_dtype_of``); the samplers read no tensor value on the
+host inside a step (see ``core``), so on CUDA a step only queues work.
 """
 from __future__ import annotations
 
@@ -20,13 +22,13 @@ import torch
 from models.schedules import SCHEDULES
 from operators.base import batch_dot
 
-from .core import (ancestral_step, col, denoise_with_grad, init_state, randn_like, report,
-                   snr_step_size, to_d)
+from .core import (Progress, ancestral_step, col, denoise_with_grad, init_state, levels, randn_like,
+                   snr_step_size, state_dtype_of, to_d)
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
 
-def _start(denoiser, y, sigmas, generator):
-    return init_state(y.shape[0], denoiser.shape, float(sigmas[0]), generator, y.device)
+def _start(denoiser, y, sigma0: float, generator):
+    return init_state(y.shape[0], denoiser.shape, float(sigma0), generator, y.device, state_dtype_of(y))
 
 
 def _weights(zeta, channels: int):
@@ -107,8 +109,10 @@ def sample_dps(denoiser, operator, y, sigmas, *, config: DPSConfig, generator, c
     taken in DDPM's VP coordinates, which in sigma-space multiplies it by
     ``sqrt((1 + sigma_i^2)(1 + sigma_{i+1}^2))``.
     """
-    x = _start(denoiser, y, sigmas, generator)
-    n = len(sigmas) - 1
+    sig = levels(sigmas)
+    x = _start(denoiser, y, sig[0], generator)
+    n = len(sig) - 1
+    prog = Progress(callback, n, x)
     w = _weights(config.zeta, operator.in_shape[0])
     masks = channel_masks(operator, y) if isinstance(w, tuple) else None
 
@@ -119,12 +123,12 @@ def sample_dps(denoiser, operator, y, sigmas, *, config: DPSConfig, generator, c
         return out
 
     for i in range(n):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        s, s_next = sig[i], sig[i + 1]
         x0, _, grad = denoise_with_grad(denoiser, x, s, loss)
         vp = math.sqrt((1 + s ** 2) * (1 + s_next ** 2))
         x = ancestral_step(x, x0, s, s_next, generator, config.eta) - 2 * vp * grad
-        report(callback, i, n, s, x, x0)
-    return x
+        prog(i, s, x, x0)
+    return prog.done(x)
 
 
 # --------------------------------------------------------------------------- ALD
@@ -192,14 +196,16 @@ def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, c
         raise ValueError("ald needs a linear operator (use dps or diffusion_pde for nonlinear ones)")
     match = measurement_consistency(operator, y, noise_sigma)
     nu = match.single_level()
-    sigmas = _with_level(sigmas, nu)
-    x = _start(denoiser, y, sigmas, generator)
-    n = len(sigmas) - 1
-    s_last = float(sigmas[n - 1])
+    sig = levels(_with_level(torch.as_tensor(sigmas).detach().to("cpu", torch.float64), nu))
+    x = _start(denoiser, y, sig[0], generator)
+    n = len(sig) - 1
+    prog = Progress(callback, n, x)
+    s_last = sig[n - 1]
     for i in range(n):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        x = match.project(x, s, config.lam, generator)  # (1) data consistency
-        free = (lambda v, s=s: match.free_part(v, s)) if config.lam == 1.0 else None
+        s, s_next = sig[i], sig[i + 1]
+        x = match.project(x, s, config.lam, generator).to(x.dtype)  # (1) data consistency
+        # (operators may work in float64, e.g. through an FFT basis: the state keeps its dtype)
+        free = (lambda v, s=s: match.free_part(v, s).to(v.dtype)) if config.lam == 1.0 else None
         handoff = nu is not None and s == nu
         for _ in range(config.final_corrector_steps if handoff else config.corrector_steps):  # (2)
             score = (denoiser(x, s) - x) / s ** 2
@@ -209,12 +215,13 @@ def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, c
             if free is not None:
                 score, z = free(score), free(z)
             step = (snr_step_size(score, z, config.snr) if config.step_rule == "snr"
-                    else torch.full((x.shape[0],), config.eps * s ** 2 / s_last ** 2, dtype=x.dtype))
+                    else torch.full((x.shape[0],), config.eps * s ** 2 / s_last ** 2, dtype=x.dtype,
+                                    device=x.device))
             x = x + col(step, x) * score + col(torch.sqrt(2 * step), x) * z
         x0 = denoiser(x, s)  # (3) predictor
         x = ancestral_step(x, x0, s, s_next, generator)
-        report(callback, i, n, s, x, x0)
-    return x
+        prog(i, s, x, x0)
+    return prog.done(x)
 
 
 def _pde_grad(pde, x):
@@ -255,13 +262,15 @@ def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEC
     """DiffusionPDE (Huang, Yang, Wang, Park, NeurIPS 2024): EDM Heun steps guided by
     ``zeta_obs ||(y - A x0)|_c||`` per channel and ``zeta_pde ||R(x0)||``; the gradient is
     taken w.r.t. the step's start through the Heun-corrected ``x0_hat``."""
-    x = _start(denoiser, y, sigmas, generator)
-    n = len(sigmas) - 1
+    sig = levels(sigmas)
+    x = _start(denoiser, y, sig[0], generator)
+    n = len(sig) - 1
+    prog = Progress(callback, n, x)
     w = _weights(config.zeta_obs, operator.in_shape[0])
     masks = channel_masks(operator, y) if isinstance(w, tuple) else None
     switch = config.pde_switch * n
     for i in range(n):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        s, s_next = sig[i], sig[i + 1]
         late = i > switch
         obs_scale = config.late_obs_scale if late else 1.0
 
@@ -282,8 +291,8 @@ def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEC
             xn, x0, loss = step_and_loss(xc)
             grad, = torch.autograd.grad(loss.sum(), xc)
         x = xn.detach() - grad
-        report(callback, i, n, s, x, x0.detach())
-    return x
+        prog(i, s, x, x0.detach())
+    return prog.done(x)
 
 
 # --------------------------------------------------------------------------- fast
@@ -336,8 +345,10 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
     ``argmin ||A u - y||^2 / sigma_y^2 + ||u - x0'||^2 / (lam r_i^2)`` (a projection when noiseless),
     ``r_i^2 = sigma_i^2 sd^2 / (sigma_i^2 + sd^2)``. Then an ancestral step towards ``x0'``.
     """
-    x = _start(denoiser, y, sigmas, generator)
-    n = len(sigmas) - 1
+    sig = levels(sigmas)
+    x = _start(denoiser, y, sig[0], generator)
+    n = len(sig) - 1
+    prog = Progress(callback, n, x)
     sd2 = float(getattr(denoiser, "sigma_data", 0.5)) ** 2
     w = _weights(config.zeta_obs, operator.in_shape[0])
     masks = channel_masks(operator, y) if isinstance(w, tuple) else None
@@ -356,7 +367,7 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
 
     affine = operator.linear and not (pde is not None and config.zeta_pde)
     for i in range(n):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        s, s_next = sig[i], sig[i + 1]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             x0 = denoiser(xg, s)
@@ -370,10 +381,10 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
         if operator.linear:
             r2 = s ** 2 * sd2 / (s ** 2 + sd2)
             x0d = (operator.project(x0d, y) if noise_sigma == 0
-                   else operator.prox(x0d, y, noise_sigma ** 2 / (config.lam * r2)))
+                   else operator.prox(x0d, y, noise_sigma ** 2 / (config.lam * r2))).to(x.dtype)
         x = ancestral_step(x, x0d, s, s_next, generator, config.eta)
-        report(callback, i, n, s, x, x0d)
-    return x
+        prog(i, s, x, x0d)
+    return prog.done(x)
 
 
 def kalman_cg(residuals, u, cov, iters: int, affine: bool) -> torch.Tensor:

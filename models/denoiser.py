@@ -7,14 +7,22 @@ design space", Table 1; k-diffusion's external adapters).
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 PARAMETERIZATIONS = ("eps", "v", "x0", "score")
+#: ``NetworkOptions.autocast`` names.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
     """``sigma`` (float, 0-d or ``[B]``) as a float64 tensor of shape ``[B]``."""
+    if isinstance(sigma, (int, float)):
+        # filled on the device: ``as_tensor(float, device=cuda)`` copies from the host and waits
+        return torch.full((x.shape[0],), float(sigma), dtype=torch.float64, device=x.device)
     s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
     if s.dim() == 0:
         s = s.expand(x.shape[0])
@@ -25,17 +33,55 @@ def _col(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s.view((-1,) + (1,) * (x.dim() - 1))
 
 
+@dataclass(frozen=True)
+class NetworkOptions:
+    """How a denoiser's network runs (``configure_network``); all off by default.
+
+    ``autocast``: "bf16" or "fp16" runs the network under ``torch.autocast`` on CUDA (the
+    preconditioning and the sampler state keep their dtype; ignored on the CPU).
+    ``channels_last``: weights and inputs in NHWC memory order (convolutions on tensor cores).
+    ``compile``: ``torch.compile`` the network (a mode name such as "max-autotune", or True
+    for the default); the first calls at each new batch size compile.
+    """
+
+    autocast: str | None = None
+    channels_last: bool = False
+    compile: bool | str = False
+
+    def __post_init__(self):
+        if self.autocast not in (None, *AUTOCAST_DTYPES):
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, not {self.autocast!r}")
+
+
 class Denoiser(nn.Module):
-    """Base class: ``forward(x, sigma) -> x0_hat``. Subclasses set the fields below."""
+    """Base class: ``forward(x, sigma) -> x0_hat``. Subclasses set the fields below.
+
+    Subclasses wrapping a network call it through ``call_net`` (so ``NetworkOptions`` apply)."""
 
     shape: tuple[int, int, int]
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5
+    options: NetworkOptions = NetworkOptions()
 
     def net_dtype(self) -> torch.dtype:
         p = next(self.parameters(), None)
         return p.dtype if p is not None else torch.float64
+
+    def call_net(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``self.net(x, cond)`` in the network's dtype, under the configured options; the
+        output is in the network's (or autocast's) dtype: callers cast it back."""
+        dt = self.net_dtype()
+        x, cond = x.to(dt), cond.to(dt)
+        o = self.options
+        net = self.__dict__.get("_compiled_net")
+        net = self.net if net is None else net
+        if o.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ac = AUTOCAST_DTYPES.get(o.autocast) if x.device.type == "cuda" else None
+        with torch.autocast("cuda", dtype=ac) if ac is not None else contextlib.nullcontext():
+            out = net(x, cond)
+        return out.contiguous() if o.channels_last else out
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -60,8 +106,7 @@ class EDMPrecond(Denoiser):
         c_out = s * self.sigma_data / torch.sqrt(s ** 2 + sd2)
         c_in = 1 / torch.sqrt(s ** 2 + sd2)
         c_noise = torch.log(s) / 4
-        dt = self.net_dtype()
-        f = self.net((_col(c_in, x) * x).to(dt), c_noise.to(dt)).to(x.dtype)
+        f = self.call_net(_col(c_in, x) * x, c_noise).to(x.dtype)
         return _col(c_skip, x).to(x.dtype) * x + _col(c_out, x).to(x.dtype) * f
 
 
@@ -99,8 +144,7 @@ class VPDenoiser(Denoiser):
         s = sigma_batch(sigma, x)
         c_in = 1 / torch.sqrt(1 + s ** 2)  # = sqrt(abar)
         x_t = _col(c_in, x) * x
-        dt = self.net_dtype()
-        out = self.net(x_t.to(dt), self.sigma_to_t(s).to(dt))[:, : self.out_channels].to(x.dtype)
+        out = self.call_net(x_t, self.sigma_to_t(s))[:, : self.out_channels].to(x.dtype)
         a, b = _col(c_in, x).to(x.dtype), _col(s * c_in, x).to(x.dtype)  # sqrt(abar), sqrt(1-abar)
         if self.parameterization == "eps":
             return x - _col(s, x).to(x.dtype) * out
@@ -129,8 +173,7 @@ class VEDenoiser(Denoiser):
     def forward(self, x, sigma):
         s = sigma_batch(sigma, x)
         cond = s.log() if self.noise_cond == "log_sigma" else s
-        dt = self.net_dtype()
-        out = self.net(x.to(dt), cond.to(dt)).to(x.dtype)
+        out = self.call_net(x, cond).to(x.dtype)
         sc = _col(s, x).to(x.dtype)
         if self.parameterization == "score":
             return x + sc ** 2 * out
@@ -152,3 +195,27 @@ class CountingDenoiser(Denoiser):
     def forward(self, x, sigma):
         self.nfe += 1
         return self.inner(x, sigma)
+
+
+def configure_network(denoiser: Denoiser, options: NetworkOptions | None = None, **kw) -> Denoiser:
+    """Apply ``NetworkOptions`` (or keyword arguments naming its fields) to ``denoiser`` in place
+    and return it; a ``CountingDenoiser`` passes them to the one it wraps. Idempotent:
+    ``channels_last`` converts the weights once, ``compile`` compiles once (and only when the
+    denoiser has a ``net``). Analytic denoisers (no ``net``) are returned unchanged."""
+    options = options or NetworkOptions(**kw)
+    inner = denoiser.inner if isinstance(denoiser, CountingDenoiser) else denoiser
+    net = getattr(inner, "net", None)
+    if not isinstance(net, nn.Module):
+        return denoiser
+    if options.channels_last:
+        net.to(memory_format=torch.channels_last)
+    elif inner.options.channels_last:
+        net.to(memory_format=torch.contiguous_format)
+    if options.compile and "_compiled_net" not in inner.__dict__:
+        mode = options.compile if isinstance(options.compile, str) else None
+        # kept out of the module tree (no state_dict keys, no second registration)
+        object.__setattr__(inner, "_compiled_net", torch.compile(net, mode=mode))
+    elif not options.compile:
+        inner.__dict__.pop("_compiled_net", None)
+    inner.options = options
+    return denoiser
