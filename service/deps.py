@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from guidance.registry import METHODS
 from models.checkpoint import default_checkpoint_dir, load_models
+from models.denoiser import NetworkOptions, configure_network
 from operators.spec import OPERATORS
 
 from . import schemas
@@ -57,6 +58,11 @@ class State:
                 extra = [self.settings.models_dir] if self.settings.models_dir else []
                 self.models = load_models(default_checkpoint_dir(), *extra, device=self.settings.device)
                 log.info("loaded models: %s", sorted(self.models))
+            s = self.settings
+            options = NetworkOptions(autocast=s.autocast, channels_last=s.channels_last,
+                                     compile=(True if s.compile == "default" else s.compile) or False)
+            for model in self.models.values():
+                configure_network(model.denoiser, options)
             self.jobs.recover(self.rebuild)
             self.recovered = True
         except Exception as e:  # noqa: BLE001 - stay alive, /readyz tells

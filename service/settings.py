@@ -6,7 +6,7 @@ worker on the GPU; ``RECONSERVE_MODELS_DIR`` adds a folder of checkpoints to the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     #: A SQLAlchemy URL for the job store's database instead of SQLite in ``data_dir`` (e.g.
     #: ``postgresql+psycopg://user@host/reconserve``); array files stay in ``data_dir``.
     database_url: str | None = None
+    #: How the networks run (``models.denoiser.NetworkOptions``; CUDA only): autocast "bf16" or
+    #: "fp16" (None: full float32), channels_last memory order, torch.compile (a mode name, or
+    #: "default"; None: off). Off by default: each changes results within float rounding.
+    autocast: Literal["bf16", "fp16"] | None = None
+    channels_last: bool = False
+    compile: str | None = None
     #: Torch CPU threads for the process (None: torch's default, one per core). The worker runs
     #: one batch at a time beside the event loop; on a shared CPU one intra-op thread is often
     #: ten times faster than several spinning ones (measured on 2 busy cores), so 1 is the
