@@ -54,8 +54,9 @@ class SamplerConfig:
     """Checks every method config shares; subclasses are frozen dataclasses that add their own
     in ``validate`` and say what a run costs (``cost``) and calls per step (``nfe_per_step``)."""
 
-    #: Fields (scalars or per-channel tuples) that must be >= 0.
+    #: Fields (scalars or per-channel tuples) that must be >= 0, and those that must be > 0.
     nonnegative: ClassVar[tuple[str, ...]] = ()
+    positive: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         """Raise ValueError on a value the sampler cannot run with."""
@@ -72,6 +73,10 @@ class SamplerConfig:
             v = getattr(self, name)
             if any(e < 0 for e in (v if isinstance(v, tuple) else (v,))):
                 raise ValueError(f"{name} must be >= 0")
+        for name in self.positive:
+            v = getattr(self, name)
+            if any(e <= 0 for e in (v if isinstance(v, tuple) else (v,))):
+                raise ValueError(f"{name} must be > 0")
 
     def nfe_per_step(self) -> int:
         raise NotImplementedError
@@ -313,14 +318,13 @@ class FastConfig(SamplerConfig):
     noise_floor: float = 1e-2
     cg_iters: int = 1
     schedule: str = "karras"
-    nonnegative: ClassVar[tuple[str, ...]] = ("lam", "eta", "zeta_obs", "zeta_pde")
+    nonnegative: ClassVar[tuple[str, ...]] = ("eta", "zeta_obs", "zeta_pde")
+    positive: ClassVar[tuple[str, ...]] = ("lam",)
 
     def validate(self) -> None:
         super().validate()
         if not 1 <= self.cg_iters <= 50:
             raise ValueError("cg_iters must be between 1 and 50")
-        if self.lam == 0:
-            raise ValueError("lam must be > 0")
 
     def nfe_per_step(self) -> int:
         return 1

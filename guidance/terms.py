@@ -29,7 +29,9 @@ def data_loss(operator, y: torch.Tensor, x0: torch.Tensor, weights=None, masks=N
     if masks is None or weights is None or isinstance(weights, (int, float)):
         w = 1.0 if weights is None else float(weights if isinstance(weights, (int, float)) else weights[0])
         return w * per_sample_norm(r)
-    return sum(float(w) * per_sample_norm(r * m) for w, m in zip(weights, masks) if w)
+    terms = [float(w) * per_sample_norm(r * m) for w, m in zip(weights, masks) if w]
+    # every weight 0: no data term, but still a per-sample tensor in the graph (gradient 0)
+    return sum(terms) if terms else 0.0 * r.flatten(1).sum(1)
 
 
 def pde_loss(pde, x0: torch.Tensor) -> torch.Tensor:

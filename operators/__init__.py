@@ -1,7 +1,7 @@
 """Forward operators: imaging kinds, PDE residuals, and building them from request specs.
 
-Registries: ``OPERATORS`` (request ``operator.kind`` -> class) and ``PDE_RESIDUALS``
-(request/card ``pde.kind`` -> class).
+Registries: ``OPERATORS`` (request ``operator.kind`` -> class; a kind is one class, see
+``operators.base.Operator``) and ``PDE_RESIDUALS`` (request/card ``pde.kind`` -> class).
 """
 from .base import LinearOperator, Operator, Rescaled, batch_dot, conjugate_gradient
 from .batched import BatchedOperator, Unbatchable
@@ -9,7 +9,8 @@ from .imaging import (MRI, Blur, CompressedSensing, Identity, Inpainting, Sparse
                       SuperResolution, gaussian_kernel, gaussian_matrix, motion_kernel)
 from .pde import (PDE_RESIDUALS, DarcyResidual, HelmholtzResidual, PDEResidual, PoissonResidual,
                   grid_spacing, solve_darcy, solve_helmholtz, solve_poisson)
-from .spec import (OPERATORS, OperatorSpecError, UnknownKindError, build_operator, build_pde,
+from .params import OperatorSpec
+from .spec import (OPERATORS, OperatorSpecError, UnknownKindError, build_operator, build_pde, operator_class,
                    operator_schemas, validate_operator_spec)
 
 __all__ = [
@@ -19,6 +20,6 @@ __all__ = [
     "gaussian_kernel", "motion_kernel", "gaussian_matrix",
     "PDEResidual", "DarcyResidual", "PoissonResidual", "HelmholtzResidual", "PDE_RESIDUALS",
     "grid_spacing", "solve_darcy", "solve_poisson", "solve_helmholtz",
-    "OPERATORS", "OperatorSpecError", "UnknownKindError", "build_operator", "build_pde",
-    "operator_schemas", "validate_operator_spec",
+    "OPERATORS", "OperatorSpec", "OperatorSpecError", "UnknownKindError", "build_operator", "build_pde",
+    "operator_class", "operator_schemas", "validate_operator_spec",
 ]

@@ -11,6 +11,8 @@ from typing import Callable, ClassVar
 
 import torch
 
+from .params import OperatorSpec, OperatorSpecError, check_in_shape
+
 
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product <a_b, b_b> over all but the batch dimension."""
@@ -59,10 +61,66 @@ class SVD:
 
 
 class Operator:
-    """A forward model ``y = A(x)``; nonlinear unless the class says otherwise."""
+    """A forward model ``y = A(x)``; nonlinear unless the class says otherwise.
+
+    A request's operator kind is one subclass (registered in ``operators.spec.OPERATORS``); the
+    class is all the service knows of it:
+
+    - ``Spec``: the pydantic model of the request's ``operator`` block (``{"kind": ..., ...}``,
+      see ``operators.params``); its JSON schema is ``json_schema()``, the request's OpenAPI
+      schema is the union of the kinds' models, and its array fields (``Spec.array_fields()``)
+      are what the service decodes;
+    - ``observation_shape``: the observation's shape in words (``"[C,H,W]"``, ``"[m]"``);
+    - ``check_spec(spec, in_shape)``: the checks against the model's shape, returning the
+      constructor's keyword arguments; ``validate_spec`` = parse + check; ``from_spec`` builds;
+    - ``observed(y)``: ``y`` with the entries the operator never produces zeroed.
+    """
 
     linear: ClassVar[bool] = False
     kind: ClassVar[str] = ""
+    #: The request block's model (None: not a request kind, e.g. a PDE residual).
+    Spec: ClassVar[type[OperatorSpec] | None] = None
+    #: The observation's shape, in words, for ``GET /v1/operators``.
+    observation_shape: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("Spec")
+        if spec is not None and spec.kind_name() != cls.kind:
+            raise TypeError(f"{cls.__name__}.Spec has kind {spec.kind_name()!r}, the class {cls.kind!r}")
+
+    # ------------------------------------------------------------------ from a request spec
+    @classmethod
+    def parse_spec(cls, spec) -> OperatorSpec:
+        """The spec (a dict or a ``Spec``) checked for all that does not depend on the image shape."""
+        if cls.Spec is None:
+            raise OperatorSpecError(f"{cls.__name__} cannot be built from a request spec")
+        return cls.Spec.parse(spec)
+
+    @classmethod
+    def check_spec(cls, spec: OperatorSpec, in_shape: tuple[int, int, int]) -> dict:
+        """The parsed spec checked against the image shape ``(C, H, W)``: the constructor's keyword
+        arguments (default: the parameters as given). Raises ``OperatorSpecError``."""
+        return spec.parameters()
+
+    @classmethod
+    def validate_spec(cls, spec, in_shape) -> dict:
+        """Every check of a spec for images of shape ``in_shape``: the constructor's keyword arguments."""
+        shape = check_in_shape(in_shape)
+        return cls.check_spec(cls.parse_spec(spec), shape)
+
+    @classmethod
+    def from_spec(cls, spec, in_shape) -> "Operator":
+        """The operator a (dict or ``Spec``) spec describes, for images of shape ``in_shape``."""
+        return cls(check_in_shape(in_shape), **cls.validate_spec(spec, in_shape))
+
+    @classmethod
+    def json_schema(cls) -> dict:
+        """JSON schema (2020-12) of the spec: ``GET /v1/operators``."""
+        if cls.Spec is None:
+            raise OperatorSpecError(f"{cls.__name__} has no request spec")
+        schema = cls.Spec.model_json_schema()
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": cls.kind}
 
     #: True when the operator treats channels independently (an observation entry
     #: depends on one channel only), so a per-channel rescaling of ``x`` commutes
@@ -84,6 +142,11 @@ class Operator:
         # base ``forward`` and ignore every subclass's override.
         return self.forward(x)
 
+    def observed(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` with the entries the operator never produces set to 0 (unobserved pixels of an
+        inpainting mask, unsampled k-space): they carry no information and must not count."""
+        return y
+
 
 class LinearOperator(Operator):
     """A linear forward model with its adjoint; projection and prox by CG unless overridden."""
@@ -100,11 +163,6 @@ class LinearOperator(Operator):
     def svd(self) -> SVD | None:
         """A cheap singular value decomposition, where one exists (None otherwise)."""
         return None
-
-    def observed(self, y: torch.Tensor) -> torch.Tensor:
-        """``y`` with the entries the operator never produces set to 0 (unobserved pixels of an
-        inpainting mask, unsampled k-space): they carry no information and must not count."""
-        return y
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``A^T A x``."""

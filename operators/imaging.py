@@ -3,20 +3,35 @@ blur, super-resolution, compressed sensing and single-coil MRI.
 
 Every operator maps ``x: [B, C, H, W]`` to ``[B, *obs_shape]`` in the dtype and on the device
 of ``x``; buffers (masks, kernels, matrices) are kept in float64 on the CPU and cast on use.
-Constructors assume already-validated arguments (see ``operators.spec.build_operator``).
+Each kind is one class: its request spec model (``<Kind>Spec``, defined just above it), the
+checks against the image shape (``check_spec``), the observation shape in words, and the
+operator itself (``operators.base.Operator``). Constructors assume already-validated arguments
+(``Kind.from_spec`` / ``operators.spec.build_operator`` validate).
 """
 from __future__ import annotations
 
 import collections
 import math
 import threading
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from deepinv.physics.generator import MotionBlurGenerator
+from pydantic import ConfigDict, Field, model_validator
 
 from .base import SVD, LinearOperator
+from .params import (Array, Integer, Invalid, Number, OperatorSpec, Seed, SpecModel, array, binary, checked,
+                     fail, integer, shape_str)
+
+#: Largest compressed-sensing matrix (entries) the server holds: 2^25 (256 MiB in float64).
+MAX_CS_ENTRIES = 2**25
+
+
+def present(*names: str) -> list[dict]:
+    """JSON-schema alternatives "this parameter is given (and not null)", one per name."""
+    return [{"required": [n], "properties": {n: {"not": {"type": "null"}}}} for n in names]
 
 #: Singular values below this count as zero in the Fourier pseudo-inverses.
 SVD_CUTOFF = 1e-6
@@ -44,10 +59,18 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- identity
+class IdentitySpec(OperatorSpec):
+    """Denoising: y = x. Observation [C,H,W]."""
+
+    kind: Literal["identity"]
+
+
 class Identity(LinearOperator):
     """Denoising: ``A = I``."""
 
     kind = "identity"
+    Spec = IdentitySpec
+    observation_shape = "[C,H,W]"
     row_gram = 1.0
 
     @property
@@ -72,6 +95,13 @@ class Identity(LinearOperator):
 
 
 # ----------------------------------------------------------------------------- inpainting
+class InpaintingSpec(OperatorSpec):
+    """Inpainting: y = mask * x; unobserved entries of y are ignored. Observation [C,H,W]."""
+
+    kind: Literal["inpainting"]
+    mask: Array = Field(description="Array [H,W] (every channel alike) or [C,H,W]; 1 = observed, 0 = missing")
+
+
 class Inpainting(LinearOperator):
     """Inpainting: ``y = M * x`` with a binary mask ``M`` (1 = observed), shape ``[C, H, W]``.
 
@@ -80,7 +110,18 @@ class Inpainting(LinearOperator):
     """
 
     kind = "inpainting"
+    Spec = InpaintingSpec
+    observation_shape = "[C,H,W]"
     row_gram = 1.0
+
+    @classmethod
+    def check_spec(cls, spec, in_shape):
+        c, h, w = in_shape
+        mask = array(spec.mask, "operator.mask")
+        if mask.shape not in ((h, w), (c, h, w)):
+            fail("operator.mask", f"has shape {shape_str(mask)}",
+                 f"send shape [H,W]=[{h},{w}] or [C,H,W]=[{c},{h},{w}] matching the model")
+        return {"mask": binary(mask, "operator.mask")}
 
     def __init__(self, in_shape, mask):
         super().__init__(in_shape)
@@ -122,6 +163,14 @@ class Inpainting(LinearOperator):
 
 
 # ----------------------------------------------------------------------------- sparse points
+class SparsePointsSpec(OperatorSpec):
+    """Point observations: y_n = x[channel_n, row_n, col_n]. Observation [N]."""
+
+    kind: Literal["sparse_points"]
+    points: Array = Field(description="Array [N,3] of integer (channel, row, col), 0-based, N >= 1; "
+                                      "duplicates allowed (they add up in the adjoint)")
+
+
 class SparsePoints(LinearOperator):
     """Sparse point observations: ``y_n = x[c_n, r_n, w_n]`` for ``points: [N, 3]`` (channel, row, col).
 
@@ -131,6 +180,26 @@ class SparsePoints(LinearOperator):
     """
 
     kind = "sparse_points"
+    Spec = SparsePointsSpec
+    observation_shape = "[N]"
+
+    @classmethod
+    def check_spec(cls, spec, in_shape):
+        pts = array(spec.points, "operator.points")
+        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < 1:
+            fail("operator.points", f"has shape {shape_str(pts)}",
+                 "send a list [[channel, row, col], ...] of shape [N,3] with N >= 1")
+        if not np.issubdtype(pts.dtype, np.integer):
+            if not (pts == np.round(pts)).all():
+                fail("operator.points", "has non-integer entries", "send integer (channel, row, col) indices")
+        pts = pts.astype(np.int64)
+        for axis, (name, size) in enumerate(zip(("channel", "row", "col"), in_shape)):
+            bad = (pts[:, axis] < 0) | (pts[:, axis] >= size)
+            if bad.any():
+                i = int(np.argmax(bad))
+                fail("operator.points", f"point {i} has {name} {int(pts[i, axis])} outside [0, {size - 1}]",
+                     f"send {name} indices in 0..{size - 1} for model shape {list(in_shape)}")
+        return {"points": pts}
 
     def __init__(self, in_shape, points):
         super().__init__(in_shape)
@@ -170,7 +239,10 @@ class SparsePoints(LinearOperator):
 def gaussian_kernel(sigma: float, size: int) -> np.ndarray:
     """Isotropic Gaussian ``exp(-(i^2 + j^2) / (2 sigma^2))`` on a ``size x size`` grid, sum 1."""
     r = np.arange(size, dtype=np.float64) - size // 2
-    g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2.0 * sigma**2))
+    d2 = r[:, None] ** 2 + r[None, :] ** 2
+    if 2.0 * sigma**2 == 0.0:  # sigma**2 underflows (sigma < ~1e-162): the limit, a unit impulse
+        return (d2 == 0).astype(np.float64)  # (0 / 0 would make every entry NaN)
+    g = np.exp(-d2 / (2.0 * sigma**2))
     return g / g.sum()
 
 
@@ -221,6 +293,53 @@ def convolve_adjoint(y: torch.Tensor, k: torch.Tensor, boundary: str) -> torch.T
     return z.view(b, c, h, w)
 
 
+class GaussianKernel(SpecModel):
+    """A Gaussian kernel exp(-(i^2 + j^2) / (2 sigma^2)) on a size x size grid, sum 1."""
+
+    sigma: Number(positive=True) = Field(description="standard deviation in pixels, > 0")
+    size: Integer(minimum=1) | None = Field(None, description="odd, at most min(H, W); default "
+                                                                "2*ceil(3*sigma)+1")
+
+
+class MotionKernel(SpecModel):
+    """A random motion trajectory (deepinv MotionBlurGenerator, a Matern-GP path), sum 1."""
+
+    size: Integer(minimum=3) = Field(description="odd, 3 .. min(H, W)")
+    seed: Seed = Field(0, description="seed of the trajectory (torch.Generator)")
+
+
+def _odd_size(value: int, field: str, hw: int) -> int:
+    if value % 2 == 0:
+        fail(field, f"must be odd (a centred kernel), got {value}", f"send {value + 1} or {value - 1}")
+    if value > hw:
+        fail(field, f"kernel size {value} exceeds the image size {hw}", f"send an odd size <= {hw}")
+    return value
+
+
+class BlurSpec(OperatorSpec):
+    """True convolution with a centred odd kernel, each channel alike: exactly one of kernel,
+    gaussian, motion. Observation [C,H,W]."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": present("kernel", "gaussian", "motion")})
+
+    kind: Literal["blur"]
+    kernel: Array | None = Field(None, description="Array [k,k], k odd (at most min(H, W)), nonzero sum; "
+                                                   "used as given")
+    gaussian: GaussianKernel | None = Field(None, description="a Gaussian kernel: {sigma, size}")
+    motion: MotionKernel | None = Field(None, description="a random motion-blur kernel: {size, seed}")
+    boundary: Literal["circular", "reflect"] = Field(
+        "circular", description="circular (periodic) or reflect (mirror padding without repeating the edge)")
+
+    @model_validator(mode="after")
+    def _one_kernel(self):
+        given = [k for k in ("kernel", "gaussian", "motion") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise Invalid(f"blur got {given or 'none'} of kernel/gaussian/motion",
+                          'send exactly one: "kernel": [[...]], "gaussian": {"sigma": s, "size": k} '
+                          'or "motion": {"size": k, "seed": n}')
+        return self
+
+
 class Blur(LinearOperator):
     """Blur: true convolution ``y = k * x`` of each channel with one centred odd kernel.
 
@@ -236,6 +355,30 @@ class Blur(LinearOperator):
     """
 
     kind = "blur"
+    Spec = BlurSpec
+    observation_shape = "[C,H,W]"
+
+    @classmethod
+    def check_spec(cls, spec, in_shape):
+        hw = min(in_shape[1:])
+        out: dict = {"boundary": spec.boundary}
+        if spec.kernel is not None:
+            k = array(spec.kernel, "operator.kernel").astype(np.float64)
+            if k.ndim != 2 or k.shape[0] != k.shape[1]:
+                fail("operator.kernel", f"has shape {shape_str(k)}", "send a square [k,k] kernel with odd k")
+            _odd_size(k.shape[0], "operator.kernel size", hw)
+            if abs(k.sum()) < 1e-12:
+                fail("operator.kernel", "sums to 0 (the blur would erase the image mean)",
+                     "send a kernel with a nonzero sum, usually normalized to sum 1")
+            out["kernel"] = k
+        elif spec.gaussian is not None:
+            sigma, size = spec.gaussian.sigma, spec.gaussian.size
+            size = _odd_size(default_gaussian_size(sigma) if size is None else size, "operator.gaussian.size", hw)
+            out["gaussian"] = {"sigma": sigma, "size": size}
+        else:
+            out["motion"] = {"size": _odd_size(spec.motion.size, "operator.motion.size", hw),
+                             "seed": spec.motion.seed}
+        return out
 
     def __init__(self, in_shape, kernel=None, gaussian=None, motion=None, boundary="circular"):
         super().__init__(in_shape)
@@ -328,6 +471,13 @@ class Blur(LinearOperator):
 
 
 # ----------------------------------------------------------------------------- super-resolution
+class SuperResolutionSpec(OperatorSpec):
+    """Mean over each factor x factor block. Observation [C,H/f,W/f]."""
+
+    kind: Literal["super_resolution"]
+    factor: Integer(minimum=1) = Field(description="block size; must divide H and W")
+
+
 class SuperResolution(LinearOperator):
     """Super-resolution: ``y`` = mean over each ``factor x factor`` block (average pooling).
 
@@ -335,6 +485,16 @@ class SuperResolution(LinearOperator):
     """
 
     kind = "super_resolution"
+    Spec = SuperResolutionSpec
+    observation_shape = "[C,H/f,W/f]"
+
+    @classmethod
+    def check_spec(cls, spec, in_shape):
+        f, (_, h, w) = spec.factor, in_shape
+        if h % f or w % f:
+            divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
+            fail("operator.factor", f"{f} does not divide the image size {h}x{w}", f"send one of {divisors}")
+        return {"factor": f}
 
     def __init__(self, in_shape, factor):
         super().__init__(in_shape)
@@ -386,6 +546,26 @@ class SeededMatrices:
 SEEDED_MATRICES = SeededMatrices()
 
 
+class CompressedSensingSpec(OperatorSpec):
+    """y = A vec(x), A [m, C*H*W]: Gaussian N(0, 1/m) drawn from seed (torch.Generator), or matrix
+    given; mixes channels. Observation [m]."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": present("m", "matrix")})
+
+    kind: Literal["compressed_sensing"]
+    m: Integer(minimum=1) | None = Field(None, description="measurements, 1..C*H*W (with m*C*H*W <= 2^25); "
+                                                           "implied by matrix")
+    seed: Seed | None = Field(None, description="seed of the Gaussian matrix the server draws; default 0; "
+                                                "not with matrix")
+    matrix: Array | None = Field(None, description="Array [m, C*H*W], row-major (C, H, W) flattening")
+
+    @model_validator(mode="after")
+    def _seed_or_matrix(self):
+        if self.matrix is not None and self.seed is not None:
+            raise Invalid("got both seed and matrix", "send either seed (server draws) or matrix")
+        return self
+
+
 class CompressedSensing(LinearOperator):
     """Compressed sensing: ``y = A vec(x)`` with a dense ``[m, C*H*W]`` matrix (mixes channels).
 
@@ -396,7 +576,31 @@ class CompressedSensing(LinearOperator):
     """
 
     kind = "compressed_sensing"
+    Spec = CompressedSensingSpec
+    observation_shape = "[m]"
     channel_separable = False
+
+    @classmethod
+    def check_spec(cls, spec, in_shape):
+        n = math.prod(in_shape)
+        if spec.matrix is not None:
+            a = array(spec.matrix, "operator.matrix").astype(np.float64)
+            if a.ndim != 2 or a.shape[1] != n or a.shape[0] < 1:
+                fail("operator.matrix", f"has shape {shape_str(a)}", f"send shape [m, C*H*W] = [m, {n}]")
+            if spec.m is not None and spec.m != a.shape[0]:
+                fail("operator.m", f"{spec.m} differs from the matrix's {a.shape[0]} rows",
+                     "send m equal to the number of rows, or leave it out")
+            if a.size > MAX_CS_ENTRIES:
+                fail("operator.matrix", f"has {a.size} entries, over the limit {MAX_CS_ENTRIES}",
+                     "send fewer measurements")
+            return {"matrix": a}
+        if spec.m is None:
+            fail("operator", "compressed_sensing needs m", f'send "m": 1..{n} (and optionally "seed")')
+        m = checked("operator.m", integer, spec.m, minimum=1, maximum=n)
+        if m * n > MAX_CS_ENTRIES:
+            fail("operator.m", f"{m} x {n} matrix is over the limit of {MAX_CS_ENTRIES} entries",
+                 f"send m <= {MAX_CS_ENTRIES // n}")
+        return {"m": m, "seed": 0 if spec.seed is None else spec.seed}
 
     def __init__(self, in_shape, m=None, seed=0, matrix=None):
         super().__init__(in_shape)
@@ -446,6 +650,14 @@ class CompressedSensing(LinearOperator):
 
 
 # ----------------------------------------------------------------------------- MRI
+class MRISpec(OperatorSpec):
+    """y = mask * FFT2(x), orthonormal FFT, numpy layout (DC at [0,0]); image C=1 real or C=2
+    (real, imaginary). Observation [2,H,W] (real, imaginary)."""
+
+    kind: Literal["mri"]
+    mask: Array = Field(description="Array [H,W], 1 = sampled k-space location (DC at [0,0], numpy fft2 layout)")
+
+
 class MRI(LinearOperator):
     """Single-coil MRI: ``y = M * FFT2(x)`` (orthonormal FFT, numpy's layout: DC at [0, 0]),
     returned as ``[2, H, W]`` (real, imaginary).
@@ -458,6 +670,20 @@ class MRI(LinearOperator):
     """
 
     kind = "mri"
+    Spec = MRISpec
+    observation_shape = "[2,H,W]"
+
+    @classmethod
+    def check_spec(cls, spec, in_shape):
+        c, h, w = in_shape
+        if c not in (1, 2):
+            fail("operator", f"mri needs a 1-channel (real) or 2-channel (real, imaginary) image, "
+                 f"the model has {c} channels", "use another operator or a 1- or 2-channel model")
+        mask = array(spec.mask, "operator.mask")
+        if mask.shape != (h, w):
+            fail("operator.mask", f"has shape {shape_str(mask)}",
+                 f"send a k-space mask of shape [H,W]=[{h},{w}] (DC at [0,0], numpy fft2 layout)")
+        return {"mask": binary(mask, "operator.mask")}
 
     def __init__(self, in_shape, mask):
         super().__init__(in_shape)

@@ -122,8 +122,12 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def decode_npy(data: bytes, field: str, max_elements: int) -> np.ndarray:
-    """A ``.npy`` file: header checked first, then exactly the data it announces."""
+def decode_npy(data: bytes, field: str, max_elements: int, scale_integers: bool = False) -> np.ndarray:
+    """A ``.npy`` file: header checked first, then exactly the data it announces.
+
+    ``scale_integers`` (image models): ``uint8`` and ``uint16`` arrays are pixel values and are
+    scaled exactly like a PNG's samples (/255, /65535) into [0, 1]; other dtypes are taken as is.
+    """
     f = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(f)
@@ -148,6 +152,8 @@ def decode_npy(data: bytes, field: str, max_elements: int) -> np.ndarray:
                          f"{len(body)}; send the complete file")
     arr = np.frombuffer(body, dtype=dtype, count=count)
     arr = arr.reshape(shape, order="F" if fortran else "C")
+    if scale_integers and arr.dtype.kind == "u" and arr.dtype.itemsize in (1, 2):
+        return _image_scale(arr.astype(arr.dtype.newbyteorder("=")), field)
     return _finish(arr, field)
 
 
@@ -164,8 +170,15 @@ def _image_scale(arr: np.ndarray, field: str) -> np.ndarray:
                      "floating-point images")
 
 
+_TRANSPARENT = ("{field}: the {what} has an alpha channel with {n} transparent or translucent pixels; their "
+                "colour is not an observation: send an opaque image (flatten it onto a background), and to "
+                "leave pixels out use the inpainting operator with those pixels 0 in operator.mask")
+
+
 def decode_png(data: bytes, field: str, max_elements: int) -> np.ndarray:
-    """PNG -> ``[H, W]`` (grayscale) or ``[C, H, W]`` (color), 8-bit /255, 16-bit /65535."""
+    """PNG -> ``[H, W]`` (grayscale) or ``[3, H, W]`` (RGB), 8-bit /255, 16-bit /65535 (Pillow
+    reads 16-bit colour PNGs at 8 bits per sample). An alpha channel (RGBA, LA, a palette or
+    colour-key transparency) is dropped when every pixel is opaque and refused otherwise."""
     from PIL import Image
 
     try:
@@ -182,9 +195,14 @@ def decode_png(data: bytes, field: str, max_elements: int) -> np.ndarray:
     try:
         im.load()
         if im.mode == "P":
-            im = im.convert("RGB")
-        if im.mode in ("LA", "RGBA"):  # alpha is not intensity: dropped
-            im = im.convert(im.mode[:-1])
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode in ("L", "RGB") and "transparency" in im.info:
+            im = im.convert("LA" if im.mode == "L" else "RGBA")  # a tRNS colour key: transparent pixels
+        if im.mode in ("LA", "RGBA", "PA", "La", "RGBa"):
+            alpha = np.asarray(im.getchannel("A"))
+            if alpha.size and int(alpha.min()) < 255:
+                raise CodecError(_TRANSPARENT.format(field=field, n=int((alpha < 255).sum()), what="PNG"))
+            im = im.convert("L" if im.mode in ("LA", "La") else "RGB")  # opaque: the alpha carries nothing
         if im.mode in ("I", "I;16", "I;16B", "I;16L"):
             arr = np.asarray(im, dtype=np.int64)
             arr = arr.clip(0, 65535).astype(np.uint16)  # PNG holds at most 16 bits per sample
@@ -205,7 +223,8 @@ def decode_png(data: bytes, field: str, max_elements: int) -> np.ndarray:
 
 
 def decode_tiff(data: bytes, field: str, max_elements: int) -> np.ndarray:
-    """TIFF -> ``[H, W]`` or ``[C, H, W]``: 8-bit /255, 16-bit /65535, float as is."""
+    """TIFF -> ``[H, W]`` or ``[C, H, W]``: 8-bit /255, 16-bit /65535, float as is. An alpha sample
+    (extra sample typed associated or unassociated alpha) is dropped when opaque, refused otherwise."""
     import tifffile
 
     try:
@@ -219,6 +238,7 @@ def decode_tiff(data: bytes, field: str, max_elements: int) -> np.ndarray:
                 raise CodecError(f"{field}: TIFF sample type {dtype} is not accepted; send 8-bit, "
                                  "16-bit or float")
             arr = series.asarray()
+            extras = tuple(getattr(tf.pages[0], "extrasamples", ()) or ())
     except CodecError:
         raise
     except Exception:
@@ -226,6 +246,14 @@ def decode_tiff(data: bytes, field: str, max_elements: int) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim == 3 and axes.endswith("S"):  # samples (color) last -> channels first
         arr = np.moveaxis(arr, -1, 0)
+        # extra samples typed 1 (associated) or 2 (unassociated alpha) come last: dropped when
+        # opaque, refused otherwise (as in PNG); unspecified extra samples (0) stay channels
+        if extras and extras[-1] in (1, 2) and arr.shape[0] > len(extras):
+            alpha = arr[-1]
+            full = 1.0 if arr.dtype.kind == "f" else (True if arr.dtype == bool else np.iinfo(arr.dtype).max)
+            if alpha.size and (alpha < full).any():
+                raise CodecError(_TRANSPARENT.format(field=field, n=int((alpha < full).sum()), what="TIFF"))
+            arr = arr[:-1]
     arr = np.squeeze(arr) if arr.ndim > 3 else arr
     if arr.ndim > 3:
         raise CodecError(f"{field}: TIFF with {arr.ndim} dimensions; send one image "
@@ -233,10 +261,10 @@ def decode_tiff(data: bytes, field: str, max_elements: int) -> np.ndarray:
     return _image_scale(arr, field)
 
 
-def decode_bytes(data: bytes, field: str, max_elements: int) -> np.ndarray:
+def decode_bytes(data: bytes, field: str, max_elements: int, scale_integers: bool = False) -> np.ndarray:
     """A file of unknown type: told apart by content (.npy, PNG, TIFF)."""
     if data.startswith(NPY_MAGIC):
-        return decode_npy(data, field, max_elements)
+        return decode_npy(data, field, max_elements, scale_integers)
     if data.startswith(PNG_MAGIC):
         return decode_png(data, field, max_elements)
     if data.startswith(TIFF_MAGICS):
@@ -268,8 +296,11 @@ def is_encoded(value: Any) -> bool:
 
 
 def decode_array(value: Any, field: str, *, max_elements: int,
-                 files: Mapping[str, bytes] | None = None) -> tuple[np.ndarray, bool]:
-    """An array in any accepted form -> ``(float64 array, came_from_an_image)``."""
+                 files: Mapping[str, bytes] | None = None, scale_integers: bool = False) -> tuple[np.ndarray, bool]:
+    """An array in any accepted form -> ``(float64 array, came_from_an_image)``.
+
+    ``scale_integers``: a ``uint8`` / ``uint16`` ``.npy`` is read like an image (/255, /65535);
+    the service sets it for the observation of an image model (API.md "Arrays")."""
     if isinstance(value, np.ndarray):
         return decode_list(value.tolist(), field, max_elements), False
     if isinstance(value, list):
@@ -287,10 +318,10 @@ def decode_array(value: Any, field: str, *, max_elements: int,
                 raise CodecError(f"{field}: refers to a file part that the request does not have; "
                                  "send a multipart request with a file part of that name")
             data = files[name]
-            return decode_bytes(data, field, max_elements), not data.startswith(NPY_MAGIC)
+            return decode_bytes(data, field, max_elements, scale_integers), not data.startswith(NPY_MAGIC)
         data = _b64(value[key], field, key)
         if key == "npy":
-            return decode_npy(data, field, max_elements), False
+            return decode_npy(data, field, max_elements, scale_integers), False
         if key == "png":
             return decode_png(data, field, max_elements), True
         return decode_tiff(data, field, max_elements), True

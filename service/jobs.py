@@ -126,7 +126,7 @@ class Problem:
 
 def finish_problem(p: Problem, x_phys: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """``guidance.solve.finish`` (completion, metrics of the mean), non-finite metrics as None."""
-    x_phys, metrics = finish(p.model, p.operator, p.y, x_phys, p.pde_metric, p.completion)
+    x_phys, metrics = finish(p.model, p.operator, p.y, x_phys, p.pde_metric, p.completion, p.noise_sigma)
     return x_phys, {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 

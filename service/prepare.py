@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from guidance.registry import METHODS
+from guidance.registry import METHODS, per_channel_weights_problem
 from guidance.solve import Plan, plan_method
-from operators.spec import OPERATORS, OperatorSpecError, UnknownKindError, build_pde, validate_operator_spec
+from operators.params import spec_message
+from operators.spec import OPERATORS, OperatorSpecError, UnknownKindError, build_pde, operator_class
 
 from .codecs import CodecError, decode_array, is_encoded
 from .errors import ApiError
 from .jobs import Problem, digest
-
-#: Operator parameters that hold arrays.
-ARRAY_FIELDS = ("mask", "points", "kernel", "matrix")
+from .ranges import check_observation
+from .schemas import MethodDefaults
 
 
 def _shape(s) -> str:
@@ -69,6 +69,11 @@ def validation_message(err: ValidationError) -> str:
         msg = e.get("msg", "invalid")
         if kind == "missing":
             msg = "is required; send it"
+        elif kind in ("union_tag_not_found", "union_tag_invalid") and loc and loc[0] in ("operator", "method"):
+            field, msg = (("operator.kind", f"is missing or not a kind; send one of {sorted(OPERATORS)} "
+                           "(GET /v1/operators)") if loc[0] == "operator" else
+                          ("method", 'expected {"name": <method>, ...parameters} or {"steps": n}; send '
+                           f"a name among {sorted(METHODS)} (GET /v1/methods)"))
         elif kind == "extra_forbidden":
             msg = ("is not a field of the request; send only model, operator, observation, noise_sigma, "
                    "pde, method, num_samples, seed, return, completion")
@@ -95,11 +100,48 @@ def precheck_kinds(body: Any) -> None:
                        f"method.name is not a known method; send one of {sorted(METHODS)} (GET /v1/methods)")
 
 
+def check_blocks(body: dict) -> None:
+    """The ``operator`` and ``method`` blocks against their own models (the kind's ``Spec``, the
+    method's ``spec_model()``): 422 ``invalid_operator`` / ``invalid_method`` saying which
+    parameter is wrong and what to send. Nothing is decoded: arrays are checked for structure."""
+    op = body.get("operator")
+    if isinstance(op, dict) and isinstance(op.get("kind"), str) and op["kind"] in OPERATORS:
+        try:
+            OPERATORS[op["kind"]].parse_spec(op)
+        except OperatorSpecError as e:
+            raise ApiError(422, "invalid_operator", str(e)) from None
+    m = body.get("method")
+    if isinstance(m, dict):
+        name = m.get("name")
+        model = (MethodDefaults if name is None else
+                 METHODS[name].spec_model() if isinstance(name, str) and name in METHODS else None)
+        if model is not None:
+            try:
+                model.model_validate(m)
+            except ValidationError as e:
+                raise ApiError(422, "invalid_method", spec_message(e, model, "method", "GET /v1/methods")) from None
+
+
+def method_params(method) -> tuple[str | None, dict]:
+    """``(name or None, the parameters the request sets)`` of a validated method block."""
+    if method is None:
+        return None, {}
+    if isinstance(method, MethodDefaults):
+        params = dict(method.model_extra or {}, steps=method.steps)
+    else:
+        params = method.model_dump(exclude_unset=True)
+    name = params.pop("name", None)
+    if params.get("steps") is None:  # null: the default
+        params.pop("steps", None)
+    return name, params
+
+
 def _decode_operator(spec: dict, settings, files, arrays: dict) -> dict:
     """The operator spec with its arrays decoded (each also put in ``arrays`` as ``operator.<k>``)."""
     out = {}
+    array_fields = operator_class(spec).Spec.array_fields()
     for k, v in spec.items():
-        if v is not None and (k in ARRAY_FIELDS or is_encoded(v)):
+        if v is not None and (k in array_fields or is_encoded(v)):
             try:
                 out[k], _ = decode_array(v, f"operator.{k}", max_elements=settings.max_array_elements,
                                          files=files)
@@ -139,6 +181,7 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admi
         raise ApiError(422, "invalid_request", "the body must be a JSON object; send "
                        '{"model": ..., "operator": {...}, "observation": ..., ...} as in API.md')
     precheck_kinds(body)
+    check_blocks(body)
     try:
         req = request_model.model_validate(body)
     except ValidationError as e:
@@ -158,12 +201,7 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admi
         raise ApiError(413, "too_large", f"num_samples x model size = {n_out} values is over the limit; "
                        "send fewer samples")
 
-    name = req.method.name if req.method is not None else None
-    params: dict = {}
-    if req.method is not None:
-        params = dict(req.method.model_extra or {})
-        if req.method.steps is not None:
-            params["steps"] = req.method.steps
+    name, params = method_params(req.method)
     if int(params.get("steps", 0) or 0) > settings.max_steps:
         raise ApiError(422, "invalid_request", f"method.steps: {params['steps']} is over the limit of "
                        f"{settings.max_steps}; send at most {settings.max_steps} steps")
@@ -210,32 +248,46 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
     arrays: dict[str, np.ndarray] = {}
     try:
         obs, from_image = decode_array(body["observation"], "observation",
-                                       max_elements=settings.max_array_elements, files=files)
+                                       max_elements=settings.max_array_elements, files=files,
+                                       scale_integers=card.get("kind") == "image")  # uint8/16 .npy like PNG
     except CodecError as e:
         raise _codec(e) from None
-    spec = _decode_operator(body["operator"], settings, files, arrays)
     try:
-        kind, kwargs = validate_operator_spec(spec, shape)
-        operator = OPERATORS[kind](shape, **kwargs)
+        cls = operator_class(body["operator"])
+        spec = _decode_operator(body["operator"], settings, files, arrays)
+        kwargs = cls.validate_spec(spec, shape)
+        operator = cls(shape, **kwargs)
     except UnknownKindError as e:  # pragma: no cover - caught by precheck_kinds
         raise ApiError(404, "unknown_operator", str(e)) from None
     except OperatorSpecError as e:
         raise ApiError(422, "invalid_operator", str(e)) from None
+    kind = cls.kind
+    weights_problem = per_channel_weights_problem(adm.plan.config, operator)
+    if weights_problem is not None:
+        sent = body.get("method") if isinstance(body.get("method"), dict) else {}
+        field = weights_problem.split(":", 1)[0]
+        whence = "" if field in sent else (f" (the value is model {card['id']}'s tuned default for "
+                                           f"{adm.plan.name})")
+        raise ApiError(422, "invalid_method", f"method.{weights_problem}{whence}; see GET /v1/methods")
     obs_shape = tuple(int(s) for s in operator.obs_shape)
-    if from_image and obs.ndim == 2 and len(obs_shape) == 3 and obs_shape[0] == 1 and obs.shape == obs_shape[1:]:
-        obs = obs[None]  # a grayscale image for a one-channel model
+    if obs.ndim == 2 and len(obs_shape) == 3 and obs_shape[0] == 1 and obs.shape == obs_shape[1:]:
+        obs = obs[None]  # a grayscale image or [H, W] array for a one-channel model
     if tuple(obs.shape) != obs_shape:
+        hint = ""
+        if from_image and len(obs_shape) == 3 and tuple(obs.shape[-2:]) == obs_shape[1:]:
+            if obs_shape[0] == 1 and obs.ndim == 3:
+                hint = " (a colour image for a one-channel model: send it as grayscale)"
+            elif obs_shape[0] == 3 and obs.ndim == 2:
+                hint = " (a grayscale image for a 3-channel model: send an RGB image)"
         raise ApiError(422, "shape_mismatch",
                        f"observation has shape {_shape(obs.shape)}, but operator {kind} on model "
                        f"{card['id']} (shape {_shape(shape)}) observes shape {_shape(obs_shape)}; "
-                       f"send an observation of shape {_shape(obs_shape)}")
+                       f"send an observation of shape {_shape(obs_shape)}{hint}")
     arrays["observation"] = obs
-    y = torch.as_tensor(obs, dtype=torch.float64)
-    if kind in ("inpainting", "mri"):
-        # unobserved entries are ignored: zero them (A A^+ y), so residuals and DPS's
-        # normalization see only what was observed
-        mask = operator.mask if kind == "inpainting" else operator.mask.expand(obs_shape)
-        y = y * (mask != 0)
+    # entries the operator never produces (unobserved pixels, unsampled k-space) are ignored:
+    # zeroed, so residuals and DPS's normalization see only what was observed
+    y = operator.observed(torch.as_tensor(obs, dtype=torch.float64)[None])[0]
+    check_observation(card, operator, y, adm.noise_sigma)  # 422 out_of_range (service/ranges.py)
 
     pde = pde_metric = None
     pde_spec = dict(body["pde"]) if body.get("pde") is not None else None

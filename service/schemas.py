@@ -1,15 +1,16 @@
 """Request and response bodies of the HTTP API (API.md). Imports no torch.
 
-The literal values of ``operator.kind`` and ``method.name`` are the registry keys
-(``operators.OPERATORS``, ``guidance.METHODS``); since the registries import torch, the app
-builds the request model with ``make_request_model(kinds, names)`` so that OpenAPI lists the
-valid choices.
+The request's ``operator`` block is the union of the operator kinds' own spec models
+(``operators.OPERATORS[kind].Spec``), discriminated by ``kind``, and ``method`` the union of the
+methods' models (``guidance.METHODS[name].spec_model()``), discriminated by ``name``, or a block
+without a name (the model card's default method). Since the registries import torch, the app
+builds the request model with ``make_request_model(OPERATORS, METHODS)`` (or their keys) at start.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 MAX_SEED = 2**63 - 1
 ReturnName = Literal["mean", "std", "samples"]
@@ -128,9 +129,20 @@ class JobStatus(BaseModel):
 
 
 class ResultMetrics(BaseModel):
-    data_residual: float = Field(description="||y - A(mean)|| / ||y|| in physical units")
+    data_residual: float | None = Field(description="||y - A(mean)|| / ||y|| in physical units (null if "
+                                        "not finite, e.g. when the norms overflow)")
     pde_residual: float | None = Field(None, description="relative PDE residual of the mean (PDE models)")
     completed: bool = Field(False, description="u was re-solved from each sample's a (physics completion)")
+    whitened_misfit: list[float | None] | None = Field(
+        None, description="per sample, ||y - A(x_k)||^2 / (m noise_sigma^2) over the m observed values: about 1 "
+        "when the sample explains the data to the stated noise (null without noise)")
+    observed_values: int | None = Field(None, description="m: the observation's entries the operator produces "
+                                        "(unobserved pixels and unsampled k-space do not count)")
+    misfit_threshold: float | None = Field(
+        None, description="max(2, chi2.isf(1e-6, m) / m): the mean whitened misfit above which misfit is true")
+    misfit: bool | None = Field(
+        None, description="true: the samples do not explain the observation within noise_sigma (the prior cannot "
+        "explain it, noise_sigma is understated, or the method has not converged); null without noise")
 
 
 class Result(BaseModel):
@@ -148,23 +160,52 @@ class Result(BaseModel):
 
 
 # ----------------------------------------------------------------------------- request
-def make_request_model(operator_kinds: Sequence[str], method_names: Sequence[str]) -> type[BaseModel]:
-    """The body of ``POST /v1/jobs`` and ``POST /v1/reconstruct``, with registry keys as literals."""
-    OperatorKind = Literal[tuple(operator_kinds)]  # type: ignore[valid-type]
-    MethodName = Literal[tuple(method_names)]  # type: ignore[valid-type]
+class MethodDefaults(BaseModel):
+    """A method block without a name: the model card's first recommended method, with these of its
+    parameters changed (see ``GET /v1/methods``; ``steps`` is every method's)."""
 
-    class OperatorSpec(BaseModel):
-        """``{"kind": ..., ...parameters}``; see ``GET /v1/operators`` for each kind's schema."""
+    model_config = ConfigDict(extra="allow")
+    name: None = Field(None, description="omitted or null: the model card's default method")
+    steps: int | None = Field(None, ge=1, description="sampler steps; null: the card's tuned value")
 
-        model_config = ConfigDict(extra="allow")
-        kind: OperatorKind  # type: ignore[valid-type]
 
-    class MethodSpec(BaseModel):
-        """``{"name": ..., "steps": ..., ...parameters}``; see ``GET /v1/methods``."""
+def _tagged(models: Sequence[type[BaseModel]], key: str) -> Any:
+    """The union of ``models`` discriminated by their ``key`` literal (one model: itself)."""
+    models = tuple(models)
+    return models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator=key)]
 
-        model_config = ConfigDict(extra="allow")
-        name: MethodName | None = None  # type: ignore[valid-type]
-        steps: int | None = Field(None, ge=1)
+
+def _method_branch(value: Any) -> str | None:
+    """"named" when the block names a method, "default" when it has no name (None: not an object)."""
+    if isinstance(value, dict):
+        return "default" if value.get("name") is None else "named"
+    if isinstance(value, BaseModel):
+        return "default" if isinstance(value, MethodDefaults) else "named"
+    return None
+
+
+def method_union(method_models: Sequence[type[BaseModel]]) -> Any:
+    """``method``: one of the methods' models (by ``name``), or ``MethodDefaults`` when it has no name."""
+    return Annotated[Union[Annotated[_tagged(method_models, "name"), Tag("named")],
+                           Annotated[MethodDefaults, Tag("default")]], Discriminator(_method_branch)]
+
+
+def make_request_model(operators: Mapping[str, Any] | Sequence[str],
+                       methods: Mapping[str, Any] | Sequence[str]) -> type[BaseModel]:
+    """The body of ``POST /v1/jobs`` and ``POST /v1/reconstruct``.
+
+    ``operators``: kind -> operator class (``operators.OPERATORS``; each has a ``Spec`` model), or
+    kind names looked up there; ``methods``: name -> method (``guidance.METHODS``; each has
+    ``spec_model()``), or names looked up there (the lookups import torch; this module does not).
+    """
+    if not isinstance(operators, Mapping):
+        from operators.spec import OPERATORS
+        operators = {k: OPERATORS[k] for k in operators}
+    if not isinstance(methods, Mapping):
+        from guidance.registry import METHODS
+        methods = {k: METHODS[k] for k in methods}
+    OperatorSpec = _tagged([cls.Spec for cls in operators.values()], "kind")  # noqa: N806
+    MethodSpec = method_union([m.spec_model() for m in methods.values()])  # noqa: N806
 
     class PDESpec(BaseModel):
         """``{"kind": <the model's PDE>, ...overrides}``: adds the PDE-residual term."""
@@ -175,11 +216,13 @@ def make_request_model(operator_kinds: Sequence[str], method_names: Sequence[str
     class ReconstructionRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", populate_by_name=True)
         model: str = Field(description="a model id from GET /v1/models")
-        operator: OperatorSpec
+        operator: OperatorSpec = Field(description="the forward model: one of the operator kinds "
+                                                    "(GET /v1/operators), by kind")
         observation: ArrayIn
         noise_sigma: float = Field(0.0, ge=0, allow_inf_nan=False)
         pde: PDESpec | None = None
-        method: MethodSpec | None = None
+        method: MethodSpec | None = Field(None, description="the sampling method, by name (GET /v1/methods); "
+                                                            "omitted: the model card's first recommended method")
         num_samples: int = Field(1, ge=1)
         seed: int = Field(0, ge=0, le=MAX_SEED)
         return_: list[ReturnName] = Field(default_factory=lambda: ["mean", "std"], alias="return")

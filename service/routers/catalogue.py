@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from guidance.registry import METHODS
-from operators.spec import OPERATORS, operator_schemas
+from operators.spec import OPERATORS
 
 from .. import schemas
 from ..deps import AUTH, READY, State, get_state
@@ -13,12 +13,6 @@ from ..errors import ApiError
 from .common import ERROR_RESPONSES, public_card
 
 router = APIRouter(tags=["catalogue"])
-
-OBSERVATION_SHAPES = {
-    "identity": "[C,H,W]", "inpainting": "[C,H,W]", "sparse_points": "[N]", "blur": "[C,H,W]",
-    "super_resolution": "[C,H/f,W/f]", "compressed_sensing": "[m]", "mri": "[2,H,W]",
-}
-
 
 @router.get("/v1/models", response_model=schemas.ModelList, dependencies=READY, responses=ERROR_RESPONSES)
 async def list_models(state: State = Depends(get_state)):
@@ -39,9 +33,9 @@ async def get_model(model_id: str, state: State = Depends(get_state)):
 @router.get("/v1/operators", response_model=schemas.OperatorList, dependencies=AUTH, responses=ERROR_RESPONSES)
 async def list_operators():
     """The operator kinds, each with the JSON schema of its parameters and its observation shape."""
-    s = operator_schemas()
     return JSONResponse({"operators": [
-        {"kind": k, "observation_shape": OBSERVATION_SHAPES.get(k, ""), "schema": s[k]} for k in OPERATORS]})
+        {"kind": k, "observation_shape": cls.observation_shape, "schema": cls.json_schema()}
+        for k, cls in OPERATORS.items()]})
 
 
 @router.get("/v1/methods", response_model=schemas.MethodList, dependencies=AUTH, responses=ERROR_RESPONSES)

@@ -14,6 +14,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
 async def healthz(state: State = Depends(get_state)):
+    """Liveness: 200 while the process and its worker thread run (503 `worker_dead` otherwise)."""
     if not state.jobs.alive and not state.shutting_down:
         # the worker thread died: fail liveness so that the orchestrator restarts the process
         # (recovery then resumes every queued and running job)
@@ -24,6 +25,7 @@ async def healthz(state: State = Depends(get_state)):
 
 @router.get("/readyz", responses={503: ERROR_RESPONSES[503]})
 async def readyz(state: State = Depends(get_state)):
+    """Readiness: 200 once the models are loaded and the previous run's jobs are queued again."""
     if not state.ready:
         if state.shutting_down:
             reason = "shutting down"
@@ -40,6 +42,9 @@ async def readyz(state: State = Depends(get_state)):
     return {"status": "ready", "models": sorted(state.models), "device": state.settings.device}
 
 
-@router.get("/metrics", dependencies=AUTH)
+@router.get("/metrics", dependencies=AUTH, response_class=Response, responses={
+    200: {"description": "Prometheus text exposition format",
+          "content": {"text/plain": {"schema": {"type": "string"}}}}, 401: ERROR_RESPONSES[401]})
 async def metrics(state: State = Depends(get_state)):
+    """Prometheus metrics (queue depth, running jobs, durations, network evaluations, batching)."""
     return Response(state.metrics.render(state.settings.device), media_type=CONTENT_TYPE_LATEST)

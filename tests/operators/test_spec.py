@@ -142,12 +142,19 @@ def test_schemas_for_every_kind():
     json.dumps(schemas)  # plain JSON
     for kind, s in schemas.items():
         assert s["$schema"].endswith("2020-12/schema") and s["type"] == "object"
-        assert s["properties"]["kind"] == {"const": kind} and "kind" in s["required"]
-        assert s["additionalProperties"] is False and s["description"]
+        assert s["properties"]["kind"]["const"] == kind and "kind" in s["required"]
+        assert s["additionalProperties"] is False and s["description"] and s["title"] == kind
+        for name, prop in s["properties"].items():  # every parameter documented
+            assert name == "kind" or prop.get("description"), (kind, name)
+        for name in OPERATORS[kind].Spec.array_fields():  # arrays: a nested list or any encoding
+            alternatives = s["properties"][name].get("anyOf", [])
+            flat = json.dumps(alternatives)
+            assert all(f'"{enc}"' in flat for enc in ("npy", "png", "tiff", "file")), (kind, name)
     assert {"mask"} <= set(schemas["inpainting"]["required"])
     assert set(schemas["blur"]["properties"]) == {"kind", "kernel", "gaussian", "motion", "boundary"}
     assert "Array" in schemas["sparse_points"]["properties"]["points"]["description"]
     assert set(schemas["compressed_sensing"]["properties"]) == {"kind", "m", "seed", "matrix"}
+    assert len(schemas["blur"]["oneOf"]) == 3  # exactly one of kernel, gaussian, motion
 
 
 # ----------------------------------------------------------------------------- PDE block

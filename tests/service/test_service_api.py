@@ -317,7 +317,7 @@ def _npy_raw(arr, allow_pickle=False) -> str:
 
 BAD_422 = {
     "wrong observation shape": body(observation={"npy": npy_b64(np.zeros((1, 16, 16)))}),
-    "observation without channel axis": body(observation={"npy": npy_b64(np.zeros((32, 32)))}),
+    "observation with the channel axis last": body(observation={"npy": npy_b64(np.zeros((32, 32, 1)))}),
     "NaN in npy": body(observation={"npy": npy_b64(np.full((1, 32, 32), np.nan))}),
     "inf in npy": body(observation={"npy": npy_b64(np.full((1, 32, 32), np.inf))}),
     "NaN in mask": body(operator={"kind": "inpainting", "mask": {"npy": npy_b64(np.full((32, 32), np.nan))}}),
@@ -433,3 +433,62 @@ def test_pde_completion(client):
     assert_error(client.post("/v1/reconstruct", json=fwd | {"completion": "always"}), 422)
     img = client.post("/v1/reconstruct", json=body(completion="solve")).json()
     assert img["metrics"]["completed"] is False  # no PDE: nothing to complete
+
+
+# ----------------------------------------------------------------------------- found by the schema fuzzer
+def test_metrics_content_type_and_401_are_documented(make_client):
+    """``GET /metrics`` answers Prometheus text, which its OpenAPI entry declared as JSON; with API
+    keys on it answers a JSON 401 that it did not declare."""
+    c = make_client(api_keys=("k",))
+    op = c.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]
+    assert list(op["200"]["content"]) == ["text/plain"]
+    assert op["401"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    r = c.get("/metrics")
+    assert_error(r, 401, "unauthorized")
+    r = c.get("/metrics", headers={"X-API-Key": "k"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+
+
+def test_blur_with_a_vanishing_gaussian_sigma_is_the_identity(client):
+    """``gaussian.sigma`` 5e-324 (positive, so valid) made every kernel entry 0/0 = NaN: the job
+    "succeeded" with NaN metrics (``data_residual`` null). Its limit is the unit impulse."""
+    blur = client.post("/v1/reconstruct", json=body(
+        operator={"kind": "blur", "gaussian": {"sigma": 5e-324}}, observation=OBS.tolist())).json()
+    ident = client.post("/v1/reconstruct", json=body(operator={"kind": "identity"}, observation=OBS.tolist())).json()
+    assert blur["metrics"]["data_residual"] == pytest.approx(ident["metrics"]["data_residual"], abs=1e-9)
+    np.testing.assert_allclose(decode(blur["mean"]), decode(ident["mean"]), atol=1e-6)
+
+
+def test_result_metrics_document_a_null_data_residual(client):
+    """A non-finite data residual is answered as null (``service.jobs.finish_problem``); the schema
+    declared it a number."""
+    spec = client.get("/openapi.json").json()
+    res = spec["components"]["schemas"]["ResultMetrics"]
+    assert {"type": "null"} in res["properties"]["data_residual"]["anyOf"]
+    assert "data_residual" in res["required"]
+
+
+def test_a_method_name_that_is_not_a_string_is_a_422(client):
+    """``method.name`` an object or a list answered 500 (``name in METHODS`` on an unhashable)."""
+    for name in ({}, [], ["fast"]):
+        assert_error(client.post("/v1/jobs", json=body(method={"name": name, "steps": None})), 422, "invalid_request")
+
+
+def test_sparse_points_on_a_model_with_value_ranges_is_not_a_500(client):
+    """The value-range check of the observation (``service/ranges.py``) compared a float64 probe
+    with a float32 one: every sparse-points request on toy-darcy-16 answered 500."""
+    req = {"model": "toy-darcy-16", "operator": {"kind": "sparse_points", "points": [[0, 2, 3], [1, 4, 13]]},
+           "observation": [3.0, 0.01], "method": {"name": "fast", "steps": 3}, "num_samples": 1}
+    r = client.post("/v1/reconstruct", json=req)
+    assert r.status_code == 200, r.text[:300]
+
+
+@pytest.mark.parametrize("method", [{"name": "dps", "zeta": [0, 0]}, {"name": "diffusion_pde", "zeta_obs": [0, 0]},
+                                    {"name": "diffusion_pde", "zeta_obs": [0, 0], "zeta_pde": 1.0}])
+def test_all_zero_per_channel_observation_weights_run(client, method):
+    """Per-channel observation weights all 0 (no data term: prior or PDE guidance only) failed
+    every job with "'int' object has no attribute 'sum'" (``guidance.terms.data_loss``)."""
+    req = {"model": "toy-darcy-16", "operator": {"kind": "sparse_points", "points": [[0, 2, 3], [1, 4, 13]]},
+           "observation": [3.0, 0.01], "method": dict(method, steps=3), "num_samples": 1}
+    r = client.post("/v1/reconstruct", json=req)
+    assert r.status_code == 200, r.text[:300]

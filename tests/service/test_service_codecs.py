@@ -197,3 +197,67 @@ def test_tiff_with_zero_dimension_is_422():
         with pytest.raises(CodecError) as e:
             dec({"file": "p"}, files={"p": _tiff_with_size(w, h)})
         assert e.value.status == 422
+
+
+# ----------------------------------------------------------------------------- alpha, colour, integer .npy
+def _png_bytes(arr, mode=None, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def test_alpha_is_dropped_when_opaque_and_refused_otherwise():
+    rgba = np.zeros((4, 5, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    out = dec({"file": "p"}, files={"p": _png_bytes(rgba, "RGBA")})
+    assert out.shape == (3, 4, 5) and np.allclose(out[0], 200 / 255) and out[1:].max() == 0
+    la = np.full((4, 5, 2), 255, dtype=np.uint8)
+    assert dec({"file": "p"}, files={"p": _png_bytes(la, "LA")}).shape == (4, 5)
+    rgba[1, 2, 3] = 128
+    with pytest.raises(CodecError, match="1 transparent or translucent pixels.*opaque") as e:
+        dec({"file": "p"}, files={"p": _png_bytes(rgba, "RGBA")})
+    assert e.value.status == 422
+    # a palette with a transparent entry, and a colour-key (tRNS) grayscale image
+    pal = Image.fromarray(np.array([[0, 1], [1, 1]], dtype=np.uint8), mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0])
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG", transparency=0)
+    with pytest.raises(CodecError, match="transparent"):
+        dec({"file": "p"}, files={"p": buf.getvalue()})
+    with pytest.raises(CodecError, match="transparent"):
+        dec({"file": "p"}, files={"p": _png_bytes(np.array([[0, 7]], dtype=np.uint8), "L", transparency=7)})
+
+
+def test_tiff_rgb_and_alpha():
+    import tifffile
+
+    rgba = np.zeros((4, 5, 4), dtype=np.uint16)
+    rgba[..., 2], rgba[..., 3] = 65535, 65535
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, rgba, photometric="rgb", extrasamples=["unassalpha"])
+    out = dec({"tiff": base64.b64encode(buf.getvalue()).decode()})
+    assert out.shape == (3, 4, 5) and out[2].min() == 1.0 and out[:2].max() == 0.0
+    rgba[0, 0, 3] = 0
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, rgba, photometric="rgb", extrasamples=["assocalpha"])
+    with pytest.raises(CodecError, match="TIFF has an alpha channel"):
+        dec({"tiff": base64.b64encode(buf.getvalue()).decode()})
+
+
+def test_integer_npy_is_scaled_like_a_png_only_when_asked():
+    """``scale_integers`` (the service sets it for image models): uint8 /255, uint16 /65535 (any
+    byte order); other dtypes and JSON lists as is. Without it every dtype is taken as is."""
+    u8 = np.array([[0, 51, 255]], dtype=np.uint8)
+    u16 = np.array([[0, 65535]], dtype=">u2")
+    i32 = np.array([[0, 255]], dtype=np.int32)
+
+    def scaled(a, **kw):
+        return decode_array({"npy": base64.b64encode(npy(a)).decode()}, "x", max_elements=LIMIT, **kw)[0]
+    np.testing.assert_allclose(scaled(u8, scale_integers=True), [[0, 0.2, 1.0]])
+    np.testing.assert_allclose(scaled(u16, scale_integers=True), [[0, 1.0]])
+    np.testing.assert_array_equal(scaled(i32, scale_integers=True), [[0, 255]])
+    np.testing.assert_array_equal(scaled(u8), [[0, 51, 255]])
+    out = decode_array({"file": "p"}, "x", max_elements=LIMIT, files={"p": npy(u8)}, scale_integers=True)[0]
+    np.testing.assert_allclose(out, [[0, 0.2, 1.0]])
+    png = decode_array({"png": base64.b64encode(_png_bytes(u8)).decode()}, "x", max_elements=LIMIT)[0]
+    np.testing.assert_array_equal(png, scaled(u8, scale_integers=True))  # the same numbers as a PNG
