@@ -18,11 +18,12 @@ from .imaging import (MAX_CS_ENTRIES, MRI, Blur, CompressedSensing, Identity, In
 from .params import (MAX_SEED, Invalid, OperatorSpecError, UnknownKindError, check_in_shape, checked, fail,
                      integer, number)
 from .pde import PDE_RESIDUALS, PDEResidual, grid_spacing
+from .tomography import CT
 
 #: Registry: the request's ``operator.kind`` values, each one class.
 OPERATORS: dict[str, type[Operator]] = {
     cls.kind: cls
-    for cls in (Identity, Inpainting, SparsePoints, Blur, SuperResolution, CompressedSensing, MRI)
+    for cls in (Identity, Inpainting, SparsePoints, Blur, SuperResolution, CompressedSensing, MRI, CT)
 }
 
 __all__ = ["OPERATORS", "MAX_CS_ENTRIES", "MAX_SEED", "OperatorSpecError", "UnknownKindError", "Invalid",

@@ -44,7 +44,7 @@ def test_health_and_catalogue(client):
 
     ops = {o["kind"]: o for o in client.get("/v1/operators").json()["operators"]}
     assert set(ops) == {"identity", "inpainting", "sparse_points", "blur", "super_resolution",
-                        "compressed_sensing", "mri"}
+                        "compressed_sensing", "mri", "ct"}
     assert ops["inpainting"]["schema"]["required"] == ["kind", "mask"]
     assert ops["sparse_points"]["observation_shape"] == "[N]"
 

@@ -88,6 +88,7 @@ def _operator_cases():
         "super_resolution": ({"kind": "super_resolution", "factor": 4},
                              rgb_png(np.round(sr * 255).astype(np.uint8))),
         "compressed_sensing": ({"kind": "compressed_sensing", "m": 16, "seed": 3}, None),
+        "ct": ({"kind": "ct", "angles": 8}, None),
     }
 
 

@@ -22,7 +22,7 @@ def test_client_against_a_real_server(server):
     assert "grf-32" in [m["id"] for m in c.models()]
     assert c.model("grf-32")["shape"] == [1, 32, 32]
     assert {"dps", "ald", "diffusion_pde", "fast"} <= {m["name"] for m in c.methods()}
-    assert len(c.operators()) == 7
+    assert len(c.operators()) == 8
 
     rng = np.random.default_rng(1)
     mask = rng.random((32, 32)) < 0.5  # numpy arrays anywhere in the operator travel as .npy
