@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--models", default=None, help="an extra folder of checkpoints")
-    v.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    v.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: RECONSERVE_DEVICE, else auto)")
     v.add_argument("--data-dir", default=None,
                    help="the durable job store (default: RECONSERVE_DATA_DIR, else var/ beside the checkout)")
     v.set_defaults(func=cmd_serve)

@@ -18,8 +18,9 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "var"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECONSERVE_", extra="ignore", frozen=True)
 
-    #: Torch device of the worker ("cpu", "cuda", "cuda:1").
-    device: str = "cpu"
+    #: Torch device of the worker ("cpu", "cuda", "cuda:1"); "auto": CUDA when torch sees a GPU,
+    #: else the CPU (resolved when the settings are read; the server logs which at start).
+    device: str = "auto"
     #: A folder of checkpoints (``<id>/card.json`` + weights) served beside ``checkpoints/``.
     models_dir: Path | None = None
     #: The durable job store: its SQLite database and every job's request and result files
@@ -90,6 +91,14 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(1000, ge=1)
     #: An idle keep-alive connection is closed after this many seconds.
     keep_alive_s: float = Field(5.0, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _resolve_device(cls, v: str) -> str:
+        if v.strip().lower() == "auto":
+            import torch
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return v.strip()
 
     @field_validator("api_keys", mode="before")
     @classmethod

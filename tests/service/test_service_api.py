@@ -256,9 +256,13 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("RECONSERVE_API_KEYS", "a, b,,c")
     monkeypatch.setenv("RECONSERVE_QUEUE_SIZE", "7")
     s = Settings()
-    assert s.api_keys == ("a", "b", "c") and s.queue_size == 7 and s.device == "cpu"
+    import torch
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert s.api_keys == ("a", "b", "c") and s.queue_size == 7 and s.device == auto  # default "auto"
     monkeypatch.setenv("RECONSERVE_API_KEYS", "")
     assert Settings().api_keys == ()
+    monkeypatch.setenv("RECONSERVE_DEVICE", "cpu")
+    assert Settings().device == "cpu" and Settings(device="AUTO").device == auto
 
 
 # ----------------------------------------------------------------------------- errors
