@@ -35,6 +35,7 @@ import datetime as _dt
 import hashlib
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -152,7 +153,8 @@ def load_state_dict_file(path: str | Path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch styles its message for terminals
+        first = text.splitlines()[0] if text else type(e).__name__
         raise PickledCheckpointError(f"{path} holds pickled code, not a plain state dict ({first}). "
                                      f"{CONVERT_HINT}") from None
     except (RuntimeError, EOFError, ValueError) as e:
