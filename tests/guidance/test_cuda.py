@@ -8,7 +8,8 @@ sync debug mode, on a device-resident operator), and the network options (bf16 a
 channels_last).
 """
 import math
-import warnings
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ from models.grf import GRFDenoiser
 from models.schedules import get_sigmas
 from operators.base import LinearOperator
 from operators.imaging import Blur, Inpainting
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: bench/ is not a package on the path
+from bench import gpu as gpu_bench  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -179,14 +183,7 @@ class DeviceMask(LinearOperator):
 
 
 def count_syncs(fn) -> int:
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message).lower() for w in seen)
+    return gpu_bench.count_syncs(fn, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
