@@ -63,6 +63,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, models_dir: str | Path | No
     from .protocols import http_protocol
 
     keep_freed_memory()
+    # the service's own loggers (reconserve.*: device, job store, recovery, shutdown) beside uvicorn's
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s:     %(message)s")
     from .settings import Settings
 
     overrides = {}
