@@ -18,7 +18,7 @@ from . import schemas
 from .errors import ApiError, scrub
 from .jobs import Job, JobManager, shutting_down_error
 from .metrics import ServiceMetrics
-from .prepare import admit, build
+from .prepare import prepare
 from .settings import Settings
 from .store import JobRecord, JobStore
 
@@ -71,9 +71,7 @@ class State:
 
     def rebuild(self, record: JobRecord, files: dict):
         """The problem of a stored job, built again from its stored request."""
-        problem = build(admit(record.request, self.request_model, self.models, self.settings),
-                        self.settings, files)[0]
-        return problem
+        return prepare(record.request, self.request_model, self.models, self.settings, files)
 
     def begin_shutdown(self) -> None:
         """SIGTERM: stop admitting, interrupt the running batch (its jobs stay queued in the

@@ -167,6 +167,7 @@ class Job:
         self.problem = problem
         self.model_id, self.method, self.seed = record.model, record.method, int(record.seed)
         self.num_samples, self.cost = int(record.num_samples), float(record.cost)
+        self.body_digest = record.body_digest  # the idempotency fingerprint of its request
         self.returns = problem.returns if problem is not None else tuple(record.request.get("return") or ("mean", "std"))
         self.status, self.step, self.total = record.status, int(record.step), int(record.total)
         self.created_at, self.started_at, self.finished_at = record.created_at, record.started_at, record.finished_at

@@ -44,9 +44,10 @@ def _examples() -> dict:
     return out
 
 
+EXAMPLES = _examples()
 BODY_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/ReconstructionRequest"},
-                         **({"examples": _examples()} if _examples() else {})},
+                         **({"examples": EXAMPLES} if EXAMPLES else {})},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "request": {"type": "string", "description": "the JSON body; arrays may be {\"file\": part}"}},
         "additionalProperties": {"type": "string", "format": "binary"}}}}}}
@@ -73,7 +74,7 @@ async def accept(request: Request, state: State) -> tuple[Job, bool]:
         if key is not None:
             seen = await run_in_threadpool(state.jobs.by_key, key)
             if seen is not None:
-                return await run_in_threadpool(_same_body, seen, key, body.digest, state), False
+                return _same_body(seen, body.digest), False
         adm = await run_in_threadpool(admit, body.json, state.request_model, state.models, settings)
         reservation = state.jobs.reserve(adm.cost, body.size)
         try:
@@ -84,7 +85,7 @@ async def accept(request: Request, state: State) -> tuple[Job, bool]:
                                                key, body.digest)
         finally:
             state.jobs.release(reservation)
-    return (job, True) if new else (await run_in_threadpool(_same_body, job, key, body.digest, state), False)
+    return (job, True) if new else (_same_body(job, body.digest), False)
 
 
 def _build(state: State, adm, files):
@@ -92,9 +93,8 @@ def _build(state: State, adm, files):
         return build(adm, state.settings, files)
 
 
-def _same_body(job: Job, key: str, digest: str, state: State) -> Job:
-    rec = state.store.get(job.id)
-    if rec is not None and rec.body_digest != digest:
+def _same_body(job: Job, digest: str) -> Job:
+    if job.body_digest != digest:
         raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was sent before with another body "
                        f"(job {job.id}); send a new key for a new request")
     return job
