@@ -59,7 +59,7 @@ version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Int
 #: ``MIGRATIONS[v](connection)`` upgrades a store at version ``v`` to ``v + 1``.
 MIGRATIONS: dict[int, Any] = {}
 
-UNFINISHED = ("queued", "running")
+UNFINISHED = ("queued", "running", "cancelling")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -241,13 +241,6 @@ class JobStore:
             rows = c.execute(sa.select(jobs_table).where(jobs_table.c.status.in_(UNFINISHED))
                              .order_by(jobs_table.c.created_ts)).all()
         return [JobRecord.from_row(r) for r in rows]
-
-    def held(self) -> tuple[int, int]:
-        """(finished jobs holding data, their bytes)."""
-        with self.engine.connect() as c:
-            n, b = c.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(jobs_table.c.bytes), 0))
-                             .where(jobs_table.c.status.in_(FINISHED))).one()
-        return int(n), int(b)
 
     # ------------------------------------------------------------------ retention
     def expire(self, *, ttl_s: float, max_jobs: int, max_bytes: int, now: float | None = None) -> list[str]:

@@ -209,3 +209,14 @@ def test_the_same_store_code_runs_on_postgresql(make_client, pg_url, tmp_path):
     while c.get(f"/v1/jobs/{jid}").status_code != 410:
         assert time.monotonic() < end
         time.sleep(0.1)
+
+
+def test_a_job_cancelling_at_a_crash_is_cancelled_on_restart(make_client, tmp_path):
+    data = tmp_path / "shared"
+    c = make_client(data_dir=data)
+    c.manager.pause()
+    jid = c.post("/v1/jobs", json=body()).json()["id"]
+    c.manager.store.update(jid, status="cancelling")  # as a crash mid-step would leave it
+    c2 = make_client(data_dir=data)
+    st = c2.get(f"/v1/jobs/{jid}").json()
+    assert st["status"] == "cancelled" and st["error"]["code"] == "cancelled"
