@@ -6,13 +6,14 @@ STAMP   := .venv/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: setup test serve clean
+.PHONY: setup test serve clean lock
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every dependency (the image installs from it too)
+$(STAMP): pyproject.toml requirements.lock
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c requirements.lock torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +23,15 @@ test: $(STAMP)
 
 serve: $(STAMP)
 	.venv/bin/reconserve serve --host $(HOST) --port $(PORT)
+
+# re-pin after changing pyproject.toml's dependencies: resolve afresh in a scratch venv
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q torch==2.14.1 torchvision==0.29.1 && .venv-lock/bin/pip install -q -e '.[dev]'
+	{ echo "# Pinned Python dependencies: the versions CI tests and the image ships (pip's -c constraints)."; \
+	  echo "# Regenerate after changing pyproject.toml:  make lock"; \
+	  .venv-lock/bin/pip freeze --exclude-editable; } > requirements.lock
+	rm -rf .venv-lock
 
 clean:
 	rm -rf .venv
