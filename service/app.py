@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .deps import State
+from .jobs import JobManager
 from .errors import STATUS_CODES, ApiError, error_body, scrub
 from .routers import catalogue, docs, health, jobs
 from .settings import Settings
@@ -24,9 +25,10 @@ from .settings import Settings
 log = logging.getLogger("reconserve.app")
 
 
-def create_app(settings: Settings | None = None, models: dict | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, models: dict | None = None, make_jobs=None) -> FastAPI:
+    """The app; ``make_jobs`` as in ``State`` (default: jobs run in this process)."""
     settings = settings or Settings()
-    state = State(settings, models)
+    state = State(settings, models, make_jobs or JobManager)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

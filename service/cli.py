@@ -134,6 +134,12 @@ def _solve_locally(body: dict, args, progress) -> dict:
 
 
 def cmd_serve(args) -> int:
+    if args.ray:
+        from service.ray_serve import serve_ray
+        overrides = {k: str(v) for k, v in (("models_dir", args.models), ("device", args.device),
+                                            ("data_dir", args.data_dir)) if v is not None}
+        serve_ray(args.host, args.port, overrides, address=args.ray_address, num_cpus=args.ray_cpus)
+        return 0
     from service.server import serve
     serve(host=args.host, port=args.port, models_dir=args.models, device=args.device, data_dir=args.data_dir)
     return 0
@@ -200,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: RECONSERVE_DEVICE, else auto)")
     v.add_argument("--data-dir", default=None,
                    help="the durable job store (default: RECONSERVE_DATA_DIR, else var/ beside the checkout)")
+    v.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve: an ingress and autoscaled worker replicas sharing the job store "
+                        "(RECONSERVE_DATABASE_URL: PostgreSQL; see README 'Scale-out on Ray Serve')")
+    v.add_argument("--ray-address", default=None,
+                   help="with --ray: the Ray cluster to join (default: RECONSERVE_RAY_ADDRESS, else a new "
+                        "local one)")
+    v.add_argument("--ray-cpus", type=int, default=None, help="with --ray: CPUs of a new local Ray cluster")
     v.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("import", help="import an outside checkpoint (guided-diffusion/ADM, diffusers) for serving",

@@ -26,9 +26,11 @@ log = logging.getLogger("reconserve.app")
 
 
 class State:
-    """One app's settings, models, job store and job manager."""
+    """One app's (or worker replica's) settings, models, job store and job manager."""
 
-    def __init__(self, settings: Settings, models: dict | None):
+    def __init__(self, settings: Settings, models: dict | None, make_jobs=JobManager):
+        """``make_jobs(settings, store, metrics)``: the job manager (``JobManager`` runs the jobs
+        in this process; a cluster's ingress and workers pass their own, ``service/ray_serve.py``)."""
         self.settings = settings
         self.models = models
         self.load_error: str | None = None
@@ -36,7 +38,7 @@ class State:
         self.shutting_down = False
         self.metrics = ServiceMetrics()
         self.store = JobStore(settings.data_dir, settings.database_url)
-        self.jobs = JobManager(settings, self.store, self.metrics)
+        self.jobs = make_jobs(settings, self.store, self.metrics)
         self.request_model = schemas.make_request_model(list(OPERATORS), list(METHODS))
         self._large_bodies: asyncio.Semaphore | None = None
 

@@ -172,11 +172,13 @@ class Job:
         self.status, self.step, self.total = record.status, int(record.step), int(record.total)
         self.created_at, self.started_at, self.finished_at = record.created_at, record.started_at, record.finished_at
         self.error = record.error
+        self.worker = record.owner  # the worker replica that holds it (scale-out), else None
         self.result_meta = record.result
         self.result: JobResult | None = None
         self.deadline = time.time() + deadline_s
         self.started_mono: float | None = None
         self.cancel_requested = record.status == "cancelling"
+        self.lost = False  # another worker replica took it over (scale-out): leave it unwritten
         self.lock = threading.Lock()
         self.done = threading.Event()
         if self.terminal:
@@ -224,7 +226,7 @@ class Job:
                     "created_at": self.created_at, "started_at": self.started_at,
                     "finished_at": self.finished_at, "error": dict(self.error) if self.error else None,
                     "model": self.model_id, "method": self.method, "num_samples": self.num_samples,
-                    "batched_with": batched}
+                    "batched_with": batched, "worker": self.worker}
 
 
 @dataclass
@@ -245,89 +247,47 @@ class _BatchStopped(Exception):
 INITIAL_THROUGHPUT = 2e5
 
 
-class JobManager:
-    """The queue (bounded by count, cost and bytes), one worker thread (for one device) that
-    batches compatible jobs, and retention; every state change is written to ``store`` first."""
+class JobsBase:
+    """What every job manager shares: the store, admission bounded by count, cost and bytes
+    (``reserve``), submission, jobs by id and their results, and retention. ``JobManager`` runs
+    the jobs here; ``service.cluster.ClusterJobs`` hands them to worker replicas (scale-out)."""
 
     def __init__(self, settings, store: JobStore, metrics: ServiceMetrics | None = None):
         self.settings, self.store = settings, store
-        self.device = settings.device
         self.metrics = metrics or ServiceMetrics()
-        self._queue: collections.deque[Job] = collections.deque()
         self._active: dict[str, Job] = {}  # queued and running
         self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()  # finished, in memory
         self._cond = threading.Condition()
         self._reserved = {"count": 0, "cost": 0.0, "bytes": 0}
-        self._stop = self._draining = self._paused = False
-        self._thread: threading.Thread | None = None
+        self._stop = self._draining = False
         self._timer: threading.Thread | None = None
-        self._running: list[Job] = []
         self._throughput: float | None = None
         self.preparations = threading.BoundedSemaphore(settings.max_preparations)
-        self.metrics.queue_depth.set_function(lambda: len(self._queue))
-        self.metrics.running.set_function(lambda: len(self._running))
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop = self._draining = False
-        self._thread = threading.Thread(target=self._loop, name=f"reconserve-worker-{self.device}", daemon=True)
-        self._thread.start()
+    def _start_retention(self) -> None:
         self._timer = threading.Thread(target=self._retention_loop, name="reconserve-retention", daemon=True)
         self._timer.start()
-
-    @property
-    def alive(self) -> bool:
-        """The worker thread runs (``/healthz`` fails otherwise, so the process is restarted)."""
-        return self._thread is not None and self._thread.is_alive()
 
     @property
     def draining(self) -> bool:
         return self._draining
 
-    def begin_shutdown(self) -> None:
-        """Stop admitting; the running batch stops at its next step and its jobs go back to
-        ``queued`` (in the store, for the next start); waiters are woken."""
-        with self._cond:
-            self._draining = True
-            jobs = list(self._active.values())
-            self._cond.notify_all()
-        for job in jobs:
-            job.notify()
-
-    def stop(self, timeout: float = 8.0) -> None:
-        self.begin_shutdown()
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        for t in (self._thread, self._timer):
-            if t is not None:
-                t.join(timeout)
-
-    def pause(self) -> None:
-        """Stop taking jobs from the queue (the running batch goes on)."""
-        with self._cond:
-            self._paused = True
-
-    def resume(self) -> None:
-        with self._cond:
-            self._paused = False
-            self._cond.notify_all()
-
     # ------------------------------------------------------------------ admission
     def _queued_totals(self) -> tuple[int, float, int]:
-        r = self._reserved
-        return (len(self._queue) + r["count"], sum(j.cost for j in self._queue) + r["cost"],
-                sum(j.problem.nbytes for j in self._queue) + r["bytes"])
+        """Jobs waiting (count, cost, bytes), reservations included."""
+        raise NotImplementedError
+
+    def _running_left(self) -> float:
+        """Work left in the running jobs (cost units)."""
+        raise NotImplementedError
+
+    def _first_waiting_cost(self) -> float:
+        return 0.0
 
     def retry_after(self, wait_cost: float) -> int:
         """Seconds until ``wait_cost`` pixel-evaluations of work have run, at the measured rate."""
         rate = self._throughput or INITIAL_THROUGHPUT
         return int(min(3600, max(1, math.ceil(wait_cost / rate))))
-
-    def _running_left(self) -> float:
-        return sum(j.cost * (1 - j.step / max(1, j.total)) for j in list(self._running))
 
     def reserve(self, cost: float, nbytes: int) -> Reservation:
         """Room for a job of ``cost`` holding ``nbytes``, or ``429`` (with ``Retry-After``
@@ -346,7 +306,7 @@ class JobManager:
                 wait = self._running_left() + queued_cost + cost - s.max_queued_cost
             elif count and queued_bytes + nbytes > s.max_queued_bytes:
                 why = f"the queued requests hold {queued_bytes} of {s.max_queued_bytes} bytes"
-                wait = self._running_left() + (self._queue[0].cost if self._queue else 0.0)
+                wait = self._running_left() + self._first_waiting_cost()
             if why:
                 self.metrics.rejected.inc()
                 after = self.retry_after(wait)
@@ -391,17 +351,16 @@ class JobManager:
             self.release(reservation)
             raise
         job = Job(record, problem, self.settings.job_deadline_s)
-        with self._cond:
-            self._release(reservation)
-            self._enqueue(job)
+        self._accepted(job, reservation)
         self.metrics.submitted.inc()
         return job, True
 
-    def _enqueue(self, job: Job) -> None:
-        self._active[job.id] = job
-        self._queue.append(job)
-        self._cond.notify_all()
+    def _accepted(self, job: Job, reservation: Reservation) -> None:
+        """A new job is in the store: release its reservation and run it."""
+        raise NotImplementedError
 
+
+    # ------------------------------------------------------------------ lookups
     def by_key(self, key: str) -> Job | None:
         rec = self.store.find_key(key)
         return self.get(rec.id) if rec is not None else None
@@ -427,50 +386,6 @@ class JobManager:
             job.result = JobResult(stored.samples, m.get("metrics", {}), m.get("nfe", 0), m.get("elapsed_s", 0.0),
                                    m.get("batched_with", 1), m.get("method", {}), stored.observation_view)
         return job.result
-
-    def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued job at once; a running one becomes ``cancelling`` until its step ends."""
-        with self._cond:
-            job = self._active.get(job_id)
-            if job is None:
-                return self.get(job_id)
-            queued = job in self._queue
-            if queued:
-                self._queue.remove(job)
-            job.cancel_requested = True
-        if queued:
-            self._finish(job, "cancelled", _cancelled_error())
-        elif not job.terminal:
-            with job.lock:
-                job.status = "cancelling"
-            self._store("update", job.id, status="cancelling")
-            job.notify()
-        return job
-
-    def recover(self, rebuild: Callable[[JobRecord, dict], Problem]) -> int:
-        """Queue again every job a previous process accepted and did not finish (oldest first),
-        rebuilt from its stored request by ``rebuild(record, files)``; it runs from the start with
-        its own seed, so its result is the one an uninterrupted run gives. Returns the count."""
-        count = 0
-        for rec in self.store.unfinished():
-            if rec.status == "cancelling":
-                self.store.finish(rec.id, status="cancelled", finished_at=now_iso(), error=_cancelled_error())
-                continue
-            try:
-                problem = rebuild(rec, self.store.load_request_files(rec))
-            except Exception as e:  # noqa: BLE001 - e.g. its model is no longer served
-                msg = e.message if isinstance(e, ApiError) else scrub(str(e), 300)
-                self.store.finish(rec.id, status="failed", finished_at=now_iso(), error={
-                    "code": "unrecoverable", "message": f"the job could not be resumed after a restart: {msg}"})
-                continue
-            self.store.update(rec.id, status="queued", started_at=None, step=0)
-            rec.status, rec.step, rec.started_at = "queued", 0, None
-            with self._cond:
-                self._enqueue(Job(rec, problem, self.settings.job_deadline_s))
-            count += 1
-        if count:
-            log.info("recovered %d unfinished jobs from the store", count)
-        return count
 
     # ------------------------------------------------------------------ retention
     def expire(self) -> list[str]:
@@ -503,9 +418,198 @@ class JobManager:
                     j.result.nbytes for j in self._recent.values() if j.result is not None) > RECENT_BYTES:
                 self._recent.popitem(last=False)
 
+
+class JobManager(JobsBase):
+    """The queue (bounded by count, cost and bytes), one worker thread (for one device) that
+    batches compatible jobs, and retention; every state change is written to ``store`` first.
+
+    With an ``owner`` (a worker replica of ``service.cluster``) jobs come from ``claim`` instead
+    of ``submit``: the store's row is held under that owner's lease, renewed while the job is
+    here; a cancellation written to the store by any ingress is picked up at the renewal."""
+
+    def __init__(self, settings, store: JobStore, metrics: ServiceMetrics | None = None,
+                 owner: str | None = None):
+        super().__init__(settings, store, metrics)
+        self.device = settings.device
+        self.owner = owner
+        self._queue: collections.deque[Job] = collections.deque()
+        self._paused = False
+        self._thread: threading.Thread | None = None
+        self._lease: threading.Thread | None = None
+        self._running: list[Job] = []
+        self.metrics.queue_depth.set_function(lambda: len(self._queue))
+        self.metrics.running.set_function(lambda: len(self._running))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = self._draining = False
+        self._thread = threading.Thread(target=self._loop, name=f"reconserve-worker-{self.device}", daemon=True)
+        self._thread.start()
+        if self.owner is None:
+            self._start_retention()  # (in a cluster the ingress runs retention)
+        else:
+            self._lease = threading.Thread(target=self._lease_loop, name="reconserve-lease", daemon=True)
+            self._lease.start()
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (``/healthz`` fails otherwise, so the process is restarted)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting; the running batch stops at its next step and its jobs go back to
+        ``queued`` (in the store, for the next start); waiters are woken."""
+        with self._cond:
+            self._draining = True
+            jobs = list(self._active.values())
+            waiting = list(self._queue) if self.owner is not None else []
+            if waiting:
+                self._queue.clear()
+            self._cond.notify_all()
+        for job in waiting:  # a worker replica gives back what it has not started
+            self._give_back(job)
+        for job in jobs:
+            job.notify()
+
+    def stop(self, timeout: float = 8.0) -> None:
+        self.begin_shutdown()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in (self._thread, self._timer, self._lease):
+            if t is not None:
+                t.join(timeout)
+
+    def pause(self) -> None:
+        """Stop taking jobs from the queue (the running batch goes on)."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ admission
+    def _queued_totals(self) -> tuple[int, float, int]:
+        r = self._reserved
+        return (len(self._queue) + r["count"], sum(j.cost for j in self._queue) + r["cost"],
+                sum(j.problem.nbytes for j in self._queue) + r["bytes"])
+
+    def _running_left(self) -> float:
+        return sum(j.cost * (1 - j.step / max(1, j.total)) for j in list(self._running))
+
+    def _first_waiting_cost(self) -> float:
+        return self._queue[0].cost if self._queue else 0.0
+
+    def _accepted(self, job: Job, reservation: Reservation) -> None:
+        with self._cond:
+            self._release(reservation)
+            self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> None:
+        self._active[job.id] = job
+        self._queue.append(job)
+        self._cond.notify_all()
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job at once; a running one becomes ``cancelling`` until its step ends."""
+        with self._cond:
+            job = self._active.get(job_id)
+            if job is None:
+                return self.get(job_id)
+            queued = job in self._queue
+            if queued:
+                self._queue.remove(job)
+            job.cancel_requested = True
+        if queued:
+            self._finish(job, "cancelled", _cancelled_error())
+        elif not job.terminal:
+            with job.lock:
+                job.status = "cancelling"
+            self._store("update", job.id, status="cancelling")
+            job.notify()
+        return job
+
+    def recover(self, rebuild: Callable[[JobRecord, dict], Problem]) -> int:
+        """Queue again every job a previous process accepted and did not finish (oldest first),
+        rebuilt from its stored request by ``rebuild(record, files)``; it runs from the start with
+        its own seed, so its result is the one an uninterrupted run gives. Returns the count.
+        (A worker replica recovers nothing: the cluster's ingress hands the jobs over again.)"""
+        if self.owner is not None:
+            return 0
+        count = 0
+        for rec in self.store.unfinished():
+            if rec.status == "cancelling":
+                self.store.finish(rec.id, status="cancelled", finished_at=now_iso(), error=_cancelled_error())
+                continue
+            try:
+                problem = rebuild(rec, self.store.load_request_files(rec))
+            except Exception as e:  # noqa: BLE001 - e.g. its model is no longer served
+                msg = e.message if isinstance(e, ApiError) else scrub(str(e), 300)
+                self.store.finish(rec.id, status="failed", finished_at=now_iso(), error={
+                    "code": "unrecoverable", "message": f"the job could not be resumed after a restart: {msg}"})
+                continue
+            self.store.update(rec.id, status="queued", started_at=None, step=0)
+            rec.status, rec.step, rec.started_at = "queued", 0, None
+            with self._cond:
+                self._enqueue(Job(rec, problem, self.settings.job_deadline_s))
+            count += 1
+        if count:
+            log.info("recovered %d unfinished jobs from the store", count)
+        return count
+
+    # ------------------------------------------------------------------ claims (worker replicas)
+    def claim(self, job_id: str, rebuild: Callable[[JobRecord, dict], Problem]) -> Job | None:
+        """Take a queued job from the shared store and queue it here (None if another replica
+        holds it, or it is no longer queued). It runs from the start with its own seed."""
+        if self._draining or not self.store.claim(job_id, self.owner):
+            return None
+        rec = self.store.get(job_id)
+        try:
+            problem = rebuild(rec, self.store.load_request_files(rec))
+        except Exception as e:  # noqa: BLE001 - e.g. its model is not served by this replica
+            msg = e.message if isinstance(e, ApiError) else scrub(str(e), 300)
+            self.store.finish(job_id, status="failed", finished_at=now_iso(), owner=self.owner, error={
+                "code": "unrecoverable", "message": f"the job could not be prepared on its worker: {msg}"})
+            return None
+        job = Job(rec, problem, rec.created_ts + self.settings.job_deadline_s - time.time())
+        with self._cond:
+            if self._draining:
+                self.store.release(job_id, self.owner, _cancelled_error(), now_iso())
+                return None
+            self._enqueue(job)
+        return job
+
+    def _lease_loop(self) -> None:
+        """Renew the lease on the jobs held here; pick up cancellations written elsewhere; drop
+        a job another replica took over (after this one missed its renewals)."""
+        period = self.settings.lease_s / 3
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop, timeout=period)
+                if self._stop:
+                    return
+                jobs = {j.id: j for j in self._active.values() if not j.terminal}
+            try:
+                held = self.store.renew(self.owner, list(jobs))
+            except Exception:  # noqa: BLE001 - renewed at the next tick (the lease allows a few misses)
+                log.exception("lease renewal failed")
+                continue
+            for job_id, job in jobs.items():
+                status = held.get(job_id)
+                if status is None:  # taken over: leave it, without writing to the store
+                    job.cancel_requested = job.lost = True
+                elif status == "cancelling" and not job.cancel_requested:
+                    self.cancel(job_id)
+
     # ------------------------------------------------------------------ state changes
     def _store(self, what: str, *args, **kwargs) -> bool:
         """A store write from the worker; on failure the job is left for recovery, never lost."""
+        if self.owner is not None and what in ("update", "finish"):
+            kwargs["owner"] = self.owner
         try:
             getattr(self.store, what)(*args, **kwargs)
             return True
@@ -537,9 +641,13 @@ class JobManager:
         return True
 
     def _requeue(self, jobs: list[Job]) -> None:
-        """Put interrupted jobs back in the queue (shutdown): they rerun from the start."""
+        """Put interrupted jobs back in the queue (shutdown): they rerun from the start. A worker
+        replica gives them back to the shared store, unclaimed, for another replica."""
         for job in jobs:
             if job.terminal:
+                continue
+            if self.owner is not None:
+                self._give_back(job)
                 continue
             self._store("update", job.id, status="cancelling" if job.cancel_requested else "queued",
                         started_at=None, step=0)
@@ -549,6 +657,16 @@ class JobManager:
             with self._cond:
                 self._queue.appendleft(job)
             job.notify()
+
+    def _give_back(self, job: Job) -> None:
+        if not job.lost:
+            self._store("release", job.id, self.owner, _cancelled_error(), now_iso())
+        with job.lock:
+            job.status = "queued"
+        with self._cond:
+            self._active.pop(job.id, None)
+        job.done.set()
+        job.notify()
 
     def _check(self, job: Job) -> str | None:
         """``"stop"`` if ``job`` must leave its batch now (finished as cancelled or expired),
@@ -657,7 +775,7 @@ class JobManager:
                     continue
                 with job.lock:
                     job.step, job.total = step, total
-                if now - job._persisted_progress > PROGRESS_PERSIST_S:
+                if now - job._persisted_progress > self.settings.progress_persist_s:
                     job._persisted_progress = now
                     self._store("update", job.id, step=step, total=total)
                 job.notify(progress=True)
@@ -712,8 +830,6 @@ class JobManager:
             self._throughput = rate if self._throughput is None else 0.7 * self._throughput + 0.3 * rate
 
 
-#: Progress is written to the store at most this often per job (seconds).
-PROGRESS_PERSIST_S = 2.0
 #: Finished jobs kept in memory (the store has them all).
 RECENT_JOBS, RECENT_BYTES = 64, 256 * 1024**2
 

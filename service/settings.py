@@ -82,6 +82,25 @@ class Settings(BaseSettings):
     max_result_bytes: int = Field(2 * 1024**3, ge=0)
     #: How often retention runs (seconds).
     retention_interval_s: float = Field(30.0, gt=0)
+    #: A running job's progress is written to the store at most this often (seconds); in a
+    #: cluster the ingress reports progress from the store.
+    progress_persist_s: float = Field(2.0, gt=0)
+    #: Scale-out (``reconserve serve --ray``, ``service/cluster.py``). A worker replica renews its
+    #: lease on the jobs it holds every ``lease_s / 3`` s; a job whose lease is older than
+    #: ``lease_s`` is given to another replica. The ingress reads job states every ``poll_s``.
+    lease_s: float = Field(15.0, gt=0)
+    poll_s: float = Field(0.25, gt=0)
+    #: Worker replicas (autoscaled between min and max on the jobs each holds), the GPUs and
+    #: CPUs each reserves (``ray_num_gpus`` None: 1 where the cluster has GPUs, else 0), and the
+    #: jobs one replica holds at once (its batching pool).
+    ray_min_workers: int = Field(1, ge=0)
+    ray_max_workers: int = Field(4, ge=1)
+    ray_num_gpus: float | None = Field(None, ge=0)
+    ray_num_cpus: float = Field(1.0, ge=0)
+    ray_jobs_per_worker: int = Field(16, ge=1)
+    #: The Ray cluster to join (``ray.init(address=...)``; None: a running local cluster if any,
+    #: else a new one on this machine).
+    ray_address: str | None = None
     #: Seconds a client has to send a request line and headers, counted from the connection's
     #: opening or from the first byte of a later request on it; then ``408`` and the connection
     #: is closed (slow-loris protection, ``service/protocols.py``).

@@ -9,6 +9,11 @@ committed, so a row never points at a missing file.
 Schema versions: ``schema_version`` holds the version the store was written with;
 ``MIGRATIONS[v]`` upgrades version ``v`` to ``v + 1``. A newer server opens an older store by
 running the missing steps; an older server refuses a newer store.
+
+Claims (scale-out, ``service/cluster.py``): a worker replica claims a queued job (``owner``,
+``heartbeat_ts``) and renews its lease while it holds it; a job whose owner stopped renewing is
+released to ``queued`` and run again elsewhere. Writes by an owner are guarded by its ownership,
+so a replica that lost a job can no longer change it.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import sqlalchemy as sa
 
 from .codecs import npy_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -52,12 +57,23 @@ jobs_table = sa.Table(
     sa.Column("cost", sa.Float, nullable=False, default=0.0),  # admission cost units
     sa.Column("idempotency_key", sa.String(255), unique=True),
     sa.Column("body_digest", sa.String(64)),
+    sa.Column("owner", sa.String(200)),  # the worker replica holding the job (scale-out), else NULL
+    sa.Column("heartbeat_ts", sa.Float),  # wall clock (s) of its owner's last lease renewal
 )
 
 version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
 
 #: ``MIGRATIONS[v](connection)`` upgrades a store at version ``v`` to ``v + 1``.
 MIGRATIONS: dict[int, Any] = {}
+
+
+def _add_claim_columns(c) -> None:
+    """1 -> 2: the claim columns of scale-out."""
+    c.execute(sa.text("ALTER TABLE jobs ADD COLUMN owner VARCHAR(200)"))
+    c.execute(sa.text("ALTER TABLE jobs ADD COLUMN heartbeat_ts FLOAT"))
+
+
+MIGRATIONS[1] = _add_claim_columns
 
 UNFINISHED = ("queued", "running", "cancelling")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -87,6 +103,8 @@ class JobRecord:
     cost: float
     idempotency_key: str | None = None
     body_digest: str | None = None
+    owner: str | None = None
+    heartbeat_ts: float | None = None
 
     @classmethod
     def from_row(cls, row) -> "JobRecord":
@@ -198,16 +216,22 @@ class JobStore:
             shutil.rmtree(d, ignore_errors=True)
             raise
 
-    def update(self, job_id: str, **values) -> None:
+    def update(self, job_id: str, owner: str | None = None, **values) -> bool:
+        """Change a job's row; with ``owner``, only while that owner holds the job. Returns
+        whether the row changed."""
         for k in ("error", "result"):
             if k in values:
                 values[k] = _dumps(values[k])
+        where = jobs_table.c.id == job_id
+        if owner is not None:
+            where = where & (jobs_table.c.owner == owner)
         with self.engine.begin() as c:
-            c.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(**values))
+            return c.execute(jobs_table.update().where(where).values(**values)).rowcount > 0
 
     def finish(self, job_id: str, *, status: str, finished_at: str, error: dict | None = None,
-               result: StoredResult | None = None, step: int | None = None) -> None:
-        """Write the result file (if any, fsynced), then the row's final state."""
+               result: StoredResult | None = None, step: int | None = None, owner: str | None = None) -> None:
+        """Write the result file (if any, fsynced), then the row's final state (with ``owner``,
+        only while that owner holds the job)."""
         values: dict[str, Any] = {"status": status, "finished_at": finished_at, "finished_ts": time.time(),
                                   "error": error}
         if result is not None:
@@ -222,7 +246,84 @@ class JobStore:
         if step is not None:
             values["step"] = step
         values["bytes"] = self._dir_bytes(job_id)
-        self.update(job_id, **values)
+        self.update(job_id, owner=owner, **values)
+
+    # ------------------------------------------------------------------ claims (scale-out)
+    def claim(self, job_id: str, owner: str) -> bool:
+        """Take a queued, unclaimed job for ``owner`` (atomic: one claimant wins)."""
+        t = jobs_table.c
+        with self.engine.begin() as c:
+            return c.execute(jobs_table.update().where(
+                (t.id == job_id) & (t.status == "queued") & t.owner.is_(None)).values(
+                owner=owner, heartbeat_ts=time.time())).rowcount > 0
+
+    def renew(self, owner: str, job_ids: list[str]) -> dict[str, str]:
+        """Renew ``owner``'s lease on ``job_ids``; returns the status of each job it still holds
+        (a job another claimant took, or that was deleted, is missing)."""
+        t = jobs_table.c
+        held: dict[str, str] = {}
+        for chunk in _chunks(job_ids, 500):
+            with self.engine.begin() as c:
+                c.execute(jobs_table.update().where(t.id.in_(chunk) & (t.owner == owner))
+                          .values(heartbeat_ts=time.time()))
+                held.update(c.execute(sa.select(t.id, t.status).where(t.id.in_(chunk) & (t.owner == owner))).all())
+        return held
+
+    def release(self, job_id: str, owner: str | None, cancelled: dict, finished_at: str) -> bool:
+        """Put a job ``owner`` held back in the queue, unclaimed, to run again from the start (a
+        job left ``cancelling`` is finished as cancelled with the error ``cancelled``)."""
+        t = jobs_table.c
+        where = (t.id == job_id) & t.status.in_(UNFINISHED)
+        where = where & (t.owner.is_(None) if owner is None else t.owner == owner)
+        with self.engine.begin() as c:
+            changed = c.execute(jobs_table.update().where(where & (t.status != "cancelling")).values(
+                status="queued", owner=None, heartbeat_ts=None, started_at=None, step=0)).rowcount
+            changed += c.execute(jobs_table.update().where(where & (t.status == "cancelling")).values(
+                status="cancelled", owner=None, finished_at=finished_at, finished_ts=time.time(),
+                error=json.dumps(cancelled))).rowcount
+        return changed > 0
+
+    def stale(self, before_ts: float) -> list[JobRecord]:
+        """Unfinished jobs whose owner has not renewed its lease since ``before_ts``."""
+        t = jobs_table.c
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(jobs_table).where(
+                t.status.in_(UNFINISHED) & t.owner.is_not(None) & (t.heartbeat_ts < before_ts))).all()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def queued_totals(self) -> tuple[int, float, int]:
+        """Jobs waiting for a worker (queued, unclaimed): count, total cost, bytes held."""
+        t = jobs_table.c
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(t.cost), 0.0),
+                                      sa.func.coalesce(sa.func.sum(t.bytes), 0))
+                            .where((t.status == "queued") & t.owner.is_(None))).one()
+        return int(row[0]), float(row[1]), int(row[2])
+
+    def cancel_queued(self, job_id: str, error: dict, finished_at: str) -> bool:
+        """Cancel a job no worker holds yet (atomic against a claim)."""
+        t = jobs_table.c
+        with self.engine.begin() as c:
+            return c.execute(jobs_table.update().where(
+                (t.id == job_id) & (t.status == "queued") & t.owner.is_(None)).values(
+                status="cancelled", finished_at=finished_at, finished_ts=time.time(),
+                error=json.dumps(error))).rowcount > 0
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Mark a job a worker holds ``cancelling``; its worker stops it."""
+        t = jobs_table.c
+        with self.engine.begin() as c:
+            return c.execute(jobs_table.update().where(
+                (t.id == job_id) & t.status.in_(("queued", "running"))).values(status="cancelling")).rowcount > 0
+
+    def states(self, job_ids: list[str]) -> dict[str, JobRecord]:
+        """The rows of ``job_ids`` (those that exist)."""
+        out: dict[str, JobRecord] = {}
+        for chunk in _chunks(job_ids, 500):
+            with self.engine.connect() as c:
+                for r in c.execute(sa.select(jobs_table).where(jobs_table.c.id.in_(chunk))).all():
+                    out[r.id] = JobRecord.from_row(r)
+        return out
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: str) -> JobRecord | None:

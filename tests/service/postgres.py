@@ -45,3 +45,16 @@ def postgres_url():
     finally:
         subprocess.run(run_as + [pg_ctl, "-D", db, "-m", "immediate", "stop"], capture_output=True, cwd=tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fresh_database(url: str, name: str) -> str:
+    """A new, empty database ``name`` on the server of ``url`` (dropped first if it exists) ->
+    its URL. Tests that count rows or run a cluster need a store of their own."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return engine.url.set(database=name).render_as_string(hide_password=False)

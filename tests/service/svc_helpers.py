@@ -99,9 +99,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env_overrides: dict | None = None, ready_timeout: float = 120.0):
-    """``service.server.serve`` in a subprocess on a free loopback port, waited for until
-    ``/readyz`` answers 200 -> ``(proc, url)``. The job store lives in a fresh temporary
+def start_server(env_overrides: dict | None = None, ready_timeout: float = 120.0, serve_args: tuple = ()):
+    """``reconserve serve`` (with ``serve_args``, e.g. ``--ray``) in a subprocess on a free
+    loopback port, waited for until ``/readyz`` answers 200 -> ``(proc, url)``. The job store lives in a fresh temporary
     ``RECONSERVE_DATA_DIR`` unless ``env_overrides`` names one; the server's output goes to
     ``proc.log_path`` (a pipe nobody reads would fill and stall it). Stop it with ``stop_server``."""
     import os
@@ -120,7 +120,7 @@ def start_server(env_overrides: dict | None = None, ready_timeout: float = 120.0
     env.update({k: str(v) for k, v in (env_overrides or {}).items()})
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", f"from service.server import serve; serve(port={port})"],
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), *serve_args],
                                 cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_path, proc.tmp_dir = log_path, tmp
     url = f"http://127.0.0.1:{port}"

@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from guidance.registry import METHODS
+from operators.spec import OPERATORS
+from postgres import fresh_database
+from service import schemas
 from service import store as store_mod
+from service.jobs import JobManager, _cancelled_error, now_iso
+from service.prepare import admit, build
+from service.settings import Settings
 from service.store import JobStore
-from svc_helpers import body, wait_status
+from svc_helpers import MODELS, body, wait_status
 from test_service_jobs import slow, wait_running
 
 
@@ -220,3 +227,42 @@ def test_a_job_cancelling_at_a_crash_is_cancelled_on_restart(make_client, tmp_pa
     c2 = make_client(data_dir=data)
     st = c2.get(f"/v1/jobs/{jid}").json()
     assert st["status"] == "cancelled" and st["error"]["code"] == "cancelled"
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_claims_leases_and_guarded_writes(db, tmp_path, request):
+    """Scale-out's store primitives: one claimant wins, a lease renewal reports the statuses the
+    owner still holds, a stale owner's job is released and its later writes change nothing."""
+    url = fresh_database(request.getfixturevalue("pg_url"), "reconserve_claims") if db == "postgresql" else None
+    s = JobStore(tmp_path, url)
+    m = JobManager(Settings(data_dir=tmp_path), s)  # not started: the job stays queued
+    request_model = schemas.make_request_model(list(OPERATORS), list(METHODS))
+    problem, arrays, stored = build(admit(body(seed=7), request_model, MODELS, m.settings), m.settings, {})
+    job, _ = m.submit(problem, m.reserve(problem.cost, 0), stored, arrays)
+    assert s.queued_totals()[0] == 1
+    assert s.claim(job.id, "a") and not s.claim(job.id, "b")  # one claimant wins
+    assert s.queued_totals()[0] == 0
+    assert s.renew("a", [job.id]) == {job.id: "queued"} and s.renew("b", [job.id]) == {}
+    assert s.update(job.id, owner="a", status="running") and not s.update(job.id, owner="b", step=3)
+    assert s.stale(time.time() + 1)[0].owner == "a" and not s.stale(time.time() - 60)
+    assert s.release(job.id, "a", _cancelled_error(), now_iso())  # the owner stopped renewing
+    rec = s.get(job.id)
+    assert (rec.status, rec.owner, rec.step) == ("queued", None, 0)
+    assert not s.update(job.id, owner="a", status="succeeded")  # the old owner can no longer write
+    assert s.claim(job.id, "b") and s.request_cancel(job.id) and s.get(job.id).status == "cancelling"
+    assert s.release(job.id, "b", _cancelled_error(), now_iso()) and s.get(job.id).status == "cancelled"
+    assert not s.cancel_queued(job.id, _cancelled_error(), now_iso())
+    s.close()
+
+
+def test_schema_1_stores_are_upgraded_with_the_claim_columns(tmp_path):
+    old = sa.create_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    with old.begin() as c:  # a version-1 store: the jobs table without owner and heartbeat_ts
+        store_mod.metadata.create_all(c)
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN owner"))
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN heartbeat_ts"))
+        c.execute(store_mod.version_table.insert().values(version=1))
+    old.dispose()
+    s = JobStore(tmp_path)
+    assert s.schema_version() == 2 and s.queued_totals() == (0, 0.0, 0) and s.stale(time.time()) == []
+    s.close()
