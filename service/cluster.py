@@ -166,6 +166,8 @@ class ClusterJobs(JobsBase):
                 job.result_meta, job.worker = rec.result, rec.owner
                 changed = before != (job.status, job.step, job.total)
             if job.status in TERMINAL or job.status == "expired":
+                if job.status == "succeeded" and job.result_meta:  # (one replica's rate: conservative)
+                    self._measured(job.cost, float(job.result_meta.get("elapsed_s") or 0.0))
                 self._remember(job)
                 job.done.set()
                 job.notify()

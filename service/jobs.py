@@ -264,6 +264,12 @@ class JobsBase:
         self._throughput: float | None = None
         self.preparations = threading.BoundedSemaphore(settings.max_preparations)
 
+    def _measured(self, cost: float, elapsed: float) -> None:
+        """A batch of ``cost`` ran in ``elapsed`` s: the throughput behind ``Retry-After``."""
+        if elapsed > 0:
+            rate = cost / elapsed
+            self._throughput = rate if self._throughput is None else 0.7 * self._throughput + 0.3 * rate
+
     def _start_retention(self) -> None:
         self._timer = threading.Thread(target=self._retention_loop, name="reconserve-retention", daemon=True)
         self._timer.start()
@@ -824,10 +830,6 @@ class JobManager(JobsBase):
                 None if view is None else view.astype(np.float32)))
         return []
 
-    def _measured(self, cost: float, elapsed: float) -> None:
-        if elapsed > 0:
-            rate = cost / elapsed
-            self._throughput = rate if self._throughput is None else 0.7 * self._throughput + 0.3 * rate
 
 
 #: Finished jobs kept in memory (the store has them all).
