@@ -3,9 +3,10 @@
     .venv/bin/python bench/sample_grid.py                    # both models, 16 samples, 50 ancestral steps
     .venv/bin/python bench/sample_grid.py --models phantom-64 --num 4 --steps 10   # quick look
 
-Sampling calls the sampler core directly (``guidance.core``): ``x ~ N(0, sigma_max^2)`` then
+Sampling goes through ``guidance.unconditional.sample_unconditional``: ``x ~ N(0, sigma_max^2)`` then
 ``--steps`` steps of the Karras schedule, either ancestral (DDPM-like, 1 network call a step; the
-prior part of the ``fast`` method) or EDM Heun (deterministic, 2 calls a step but the last).
+prior part of the ``fast`` method) or a probability-flow ODE solver: EDM Heun (2 calls a step but
+the last), Euler or DPM-Solver++(2M) (1 call a step). ``bench/unconditional_samplers.py`` compares them.
 
 Writes ``docs/phantom-64-samples.png`` (4 x 4 grayscale samples, 4 data examples beside) and
 ``docs/darcy-64-samples.png`` (each sample as ``a`` | ``u`` side by side, viridis, 4 data pairs
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (HELD_OUT_SEED, RESULTS, ROOT, atomic_write_json, held_out_darcy,  # noqa: E402
                           held_out_phantoms, load_model, model_info, set_threads)
-from guidance.core import ancestral_step, init_state, to_d  # noqa: E402
+from guidance.unconditional import SOLVERS, sample_unconditional  # noqa: E402
 from models.denoiser import CountingDenoiser  # noqa: E402
 from models.schedules import get_sigmas  # noqa: E402
 
@@ -38,24 +39,11 @@ DOCS = ROOT / "docs"
 
 @torch.no_grad()
 def sample_prior(model, num: int, steps: int = 50, sampler: str = "ancestral", seed: int = 0):
-    """``(x [num, C, H, W] physical float64 numpy, nfe)``: unconditional samples of ``model``."""
+    """``(x [num, C, H, W] physical float64 numpy, nfe)``: unconditional samples of ``model``
+    (``sampler``: one of ``guidance.unconditional.SOLVERS``)."""
     den = CountingDenoiser(model.denoiser)
     sig = get_sigmas("karras", steps, den.sigma_min, den.sigma_max)
-    gen = torch.Generator().manual_seed(seed)
-    x = init_state(num, den.shape, float(sig[0]), gen)
-    for i in range(steps):
-        s, s_next = float(sig[i]), float(sig[i + 1])
-        x0 = den(x, s)
-        if sampler == "ancestral":
-            x = ancestral_step(x, x0, s, s_next, gen)
-        elif sampler == "heun":
-            d = to_d(x, s, x0)
-            xn = x + (s_next - s) * d
-            if s_next > 0:
-                xn = x + (s_next - s) * 0.5 * (d + to_d(xn, s_next, den(xn, s_next)))
-            x = xn
-        else:
-            raise ValueError("sampler must be ancestral or heun")
+    x = sample_unconditional(den, sig, num, torch.Generator().manual_seed(seed), sampler)
     shift = model.shift.view(1, -1, 1, 1)
     scale = model.scale.view(1, -1, 1, 1)
     return (shift + scale * x).numpy(), den.nfe
@@ -166,7 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="phantom-64,darcy-64")
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", choices=("ancestral", "heun"), default="ancestral")
+    p.add_argument("--sampler", choices=SOLVERS, default="ancestral")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-data", dest="data", action="store_false", help="leave out the data examples")
     p.add_argument("--out-dir", default=str(DOCS))

@@ -1,4 +1,4 @@
-"""Shared solver cores in sigma-space (``x = x0 + sigma * n``): Euler, Heun, ancestral, Langevin.
+"""Shared solver cores in sigma-space (``x = x0 + sigma * n``): Euler, Heun, DPM-Solver++(2M), ancestral, Langevin.
 
 Everything here is a small pure function; the samplers in this package compose them
 with a guidance term. The state's dtype is the observation's (``state_dtype``: float64 on the
@@ -11,6 +11,7 @@ Python floats once before the loop (``levels``), and the finiteness check is def
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -97,6 +98,56 @@ def col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def to_d(x: torch.Tensor, sigma, x0: torch.Tensor) -> torch.Tensor:
     """ODE derivative ``dx/dsigma = (x - D(x)) / sigma`` (Karras et al. 2022, eq. 3)."""
     return (x - x0) / sigma
+
+
+def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE from ``sigma`` to ``sigma_next`` given
+    ``x0 = D(x, sigma)``: ``x + (sigma_next - sigma) (x - x0) / sigma`` (to ``sigma_next = 0``
+    it lands on ``x0``, up to rounding). First order; one network call (the caller's)."""
+    return x + (sigma_next - sigma) * to_d(x, sigma, x0)
+
+
+def heun_step(denoiser, x: torch.Tensor, sigma, sigma_next, x0: torch.Tensor | None = None):
+    """One EDM Heun step (Karras et al. 2022, Algorithm 1 without churn): an Euler predictor,
+    then, unless ``sigma_next == 0``, the trapezoidal corrector with ``D(x_pred, sigma_next)``.
+
+    ``x0 = D(x, sigma)`` when the caller has it (else it is evaluated here). Returns
+    ``(x_next, x0_last)``: ``x0_last`` the last denoiser output, at ``sigma_next`` after a
+    corrected step and at ``sigma`` after the final Euler one. Second order; two network calls
+    per step, one for the last step to 0 (``2 n - 1`` for ``n`` steps).
+    """
+    if x0 is None:
+        x0 = denoiser(x, sigma)
+    d = to_d(x, sigma, x0)
+    x_next = x + (sigma_next - sigma) * d
+    if sigma_next > 0:  # the corrector
+        x0 = denoiser(x_next, sigma_next)
+        x_next = x + (sigma_next - sigma) * 0.5 * (d + to_d(x_next, sigma_next, x0))
+    return x_next, x0
+
+
+def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float,
+                  x0_prev: torch.Tensor | None = None, sigma_prev: float | None = None) -> torch.Tensor:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, "DPM-Solver++", Algorithm 2) in sigma-space.
+
+    The exponential integrator of the probability-flow ODE in ``lambda = -log sigma`` (half
+    the log-SNR): with ``h = lambda_next - lambda``,
+    ``x_next = (sigma_next / sigma) x - expm1(-h) D``, the linear part integrated exactly and
+    ``D`` extrapolated linearly in ``lambda`` from this step's ``x0 = D(x, sigma)`` and the
+    previous step's ``x0_prev`` (at ``sigma_prev``): with ``r = h_prev / h``,
+    ``D = (1 + 1/(2r)) x0 - (1/(2r)) x0_prev``. Without ``x0_prev`` (the first step) it is the
+    first-order update (DDIM), and the step to ``sigma_next = 0`` returns ``x0`` (its limit).
+    Second order overall; one network call per step (the caller's). Python-float sigmas.
+    """
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if sigma_next == 0:
+        return x0
+    h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
+    d = x0
+    if x0_prev is not None and sigma_prev is not None:
+        r = (math.log(float(sigma_prev)) - math.log(sigma)) / h  # h_prev / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    return (sigma_next / sigma) * x - math.expm1(-h) * d
 
 
 def ancestral_sigmas(sigma, sigma_next, eta: float = 1.0):

@@ -22,8 +22,8 @@ import torch
 from models.schedules import SCHEDULES
 from operators.base import batch_dot
 
-from .core import (Progress, ancestral_step, col, denoise_with_grad, init_state, levels, randn_like,
-                   snr_step_size, state_dtype_of, to_d)
+from .core import (Progress, ancestral_step, col, denoise_with_grad, heun_step, init_state, levels, randn_like,
+                   snr_step_size, state_dtype_of)
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
 
@@ -280,12 +280,7 @@ def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEC
         obs_scale = config.late_obs_scale if late else 1.0
 
         def step_and_loss(xc):
-            x0 = denoiser(xc, s)
-            d = to_d(xc, s, x0)
-            xn = xc + (s_next - s) * d
-            if s_next > 0:  # Heun correction
-                x0 = denoiser(xn, s_next)
-                xn = xc + (s_next - s) * 0.5 * (d + to_d(xn, s_next, x0))
+            xn, x0 = heun_step(denoiser, xc, s, s_next)  # x0: the corrector's (the last step: Euler's)
             loss = obs_scale * data_loss(operator, y, x0, w, masks)
             if late and pde is not None and config.zeta_pde:
                 loss = loss + config.zeta_pde * pde_loss(pde, x0)
