@@ -98,12 +98,12 @@ PARAM_DOCS = {
     "late_obs_scale": "observation weight multiplier after pde_switch",
     "rho": "exponent of the Karras schedule",
     "noise_floor": "stands in for noise_sigma in the Kalman step when the observation is noiseless",
-    "cg_iters": "conjugate-gradient iterations of the Kalman step, 1..50 (each one backprop per step)",
+    "cg_iters": "conjugate-gradient iterations of the Kalman step, 0..50 (each one backprop per step; 0: no Kalman step, only the closed-form proximal step: linear operators without a PDE term)",
 }
 #: Closed sets of string values, and integer bounds beyond ``steps >= 1``.
 PARAM_CHOICES = {"schedule": tuple(SCHEDULES), "step_rule": ("snr", "eps")}
 PARAM_BOUNDS = {"steps": (1, None), "corrector_steps": (0, None), "final_corrector_steps": (0, None),
-                "cg_iters": (1, 50)}
+                "cg_iters": (0, 50)}
 
 
 def _param_type(name: str, hint: Any, nonnegative: bool, positive: bool = False) -> Any:

@@ -303,7 +303,8 @@ class FastConfig(SamplerConfig):
     per channel) and ``zeta_pde`` weigh the observation and PDE residuals in the Kalman step;
     ``noise_floor`` stands in for ``sigma_y`` there when the observation is noiseless;
     ``cg_iters`` conjugate-gradient iterations solve that step (1 = a line search; each one
-    more costs one more backprop through the network, no more network evaluations)."""
+    more costs one more backprop through the network, no more network evaluations; 0 = no
+    Kalman step: only the closed-form proximal step of a linear operator, no backprop)."""
 
     steps: int = 30
     lam: float = 1.0
@@ -318,8 +319,8 @@ class FastConfig(SamplerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 1 <= self.cg_iters <= 50:
-            raise ValueError("cg_iters must be between 1 and 50")
+        if not 0 <= self.cg_iters <= 50:
+            raise ValueError("cg_iters must be between 0 and 50")
 
     def nfe_per_step(self) -> int:
         return 1
@@ -365,18 +366,15 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
         return torch.cat(parts, dim=1)
 
     affine = operator.linear and not (pde is not None and config.zeta_pde)
+    if config.cg_iters == 0 and not affine:
+        raise ValueError("cg_iters 0 leaves only the proximal step, which needs a linear operator "
+                         "without a PDE term; send cg_iters >= 1")
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            x0 = denoiser(xg, s)
-            u = x0.detach()
-
-            def cov(v):  # C v = sigma^2 J^T v (one backprop through the network)
-                gv, = torch.autograd.grad((x0 * v).sum(), xg, retain_graph=True)
-                return s ** 2 * gv
-
-            x0d = u + kalman_cg(residuals, u, cov, config.cg_iters, affine)
+        if config.cg_iters == 0:  # the closed-form data step alone: no backprop
+            x0d = denoiser(x, s)
+        else:
+            x0d = _kalman_denoised(denoiser, x, s, residuals, config.cg_iters, affine)
         if operator.linear:
             r2 = s ** 2 * sd2 / (s ** 2 + sd2)
             x0d = (operator.project(x0d, y) if noise_sigma == 0
@@ -384,6 +382,21 @@ def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator,
         x = ancestral_step(x, x0d, s, s_next, generator, config.eta)
         prog(i, s, x, x0d)
     return prog.done(x)
+
+
+def _kalman_denoised(denoiser, x, s: float, residuals, cg_iters: int, affine: bool) -> torch.Tensor:
+    """``D(x, s)`` moved by the Kalman update of the residuals (``kalman_cg``, ``cg_iters``
+    backprops through the network for the prior covariance)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        x0 = denoiser(xg, s)
+        u = x0.detach()
+
+        def cov(v):  # C v = sigma^2 J^T v (one backprop through the network)
+            gv, = torch.autograd.grad((x0 * v).sum(), xg, retain_graph=True)
+            return s ** 2 * gv
+
+        return u + kalman_cg(residuals, u, cov, cg_iters, affine)
 
 
 def kalman_cg(residuals, u, cov, iters: int, affine: bool) -> torch.Tensor:

@@ -307,6 +307,10 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
     if adm.plan.name == "ald" and not operator.linear:
         raise ApiError(422, "invalid_method", "method: ald needs a linear operator; send dps, "
                        "diffusion_pde or fast")
+    cfg = adm.plan.config
+    if getattr(cfg, "cg_iters", None) == 0 and not (operator.linear and not (pde is not None and cfg.zeta_pde)):
+        raise ApiError(422, "invalid_method", "method.cg_iters: 0 leaves only the proximal data step, which "
+                       "needs a linear operator without a PDE term; send cg_iters >= 1")
 
     svd_available = False
     try:

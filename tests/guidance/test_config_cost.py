@@ -96,8 +96,8 @@ def test_nfe_per_step_as_served():
     ("dps", {"zeta": [1.0, -1.0]}, "zeta must be >= 0"),
     ("diffusion_pde", {"late_obs_scale": -0.1}, "late_obs_scale must be >= 0"),
     ("fast", {"zeta_obs": -1.0}, "zeta_obs must be >= 0"),
-    ("fast", {"cg_iters": 0}, "cg_iters must be between 1 and 50"),
-    ("fast", {"cg_iters": 51}, "cg_iters must be between 1 and 50"),
+    ("fast", {"cg_iters": -1}, "cg_iters must be between 0 and 50"),
+    ("fast", {"cg_iters": 51}, "cg_iters must be between 0 and 50"),
     ("fast", {"lam": 0}, "lam must be > 0"),
     ("ald", {"corrector_steps": -1}, "corrector_steps must be >= 0"),
     ("ald", {"final_corrector_steps": -1}, "final_corrector_steps must be >= 0"),
@@ -112,3 +112,4 @@ def test_validation(name, params, message):
 def test_valid_edge_values():
     METHODS["ald"].make_config({"lam": 0, "corrector_steps": 0})  # ALD: lam = 0 skips the projection
     METHODS["fast"].make_config({"cg_iters": 50, "eta": 0})
+    assert METHODS["fast"].make_config({"cg_iters": 0, "steps": 7}).cost().backprops == 0  # no Kalman step
