@@ -12,6 +12,7 @@ and the recommended methods with their parameters.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def wrap_network(net: torch.nn.Module, card: dict) -> Denoiser:
                       sigma_min=card.get("sigma_min", 0.002), sigma_max=card.get("sigma_max", 80.0))
 
 
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """``safetensors`` file written atomically, readable as the umask allows (safetensors
+    creates it 0600: a server running as another user, e.g. in the image, could not read it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    tmp.replace(path)
+
+
 def save_checkpoint(folder: str | Path, net: torch.nn.Module, card: dict) -> Path:
     """Write ``weights.safetensors`` and ``card.json`` into ``folder`` (atomically per file)."""
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
@@ -74,9 +86,7 @@ def save_checkpoint(folder: str | Path, net: torch.nn.Module, card: dict) -> Pat
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(folder / WEIGHTS)
+    save_tensors(state, folder / WEIGHTS)
     tmp = folder / (CARD + ".tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     tmp.replace(folder / CARD)
@@ -110,8 +120,11 @@ def default_checkpoint_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "checkpoints"
 
 
-def load_models(*folders: str | Path, device: str | torch.device = "cpu") -> dict[str, LoadedModel]:
-    """The built-in models plus every checkpoint folder (a folder with ``card.json``) under ``folders``."""
+def load_models(*folders: str | Path, device: str | torch.device = "cpu",
+                skipped: dict[str, str] | None = None) -> dict[str, LoadedModel]:
+    """The built-in models plus every checkpoint folder (a folder with ``card.json``) under
+    ``folders``. With ``skipped`` (a dict), a folder that fails to load is left out and its
+    error recorded there (folder -> message) instead of failing the whole call."""
     models = builtin_models()
     for root in folders or (default_checkpoint_dir(),):
         root = Path(root)
@@ -119,6 +132,21 @@ def load_models(*folders: str | Path, device: str | torch.device = "cpu") -> dic
             continue
         for card in sorted(root.glob(f"*/{CARD}")):
             if (card.parent / WEIGHTS).exists():
-                m = load_checkpoint(card.parent, device)
+                try:
+                    m = load_checkpoint(card.parent, device)
+                except Exception as e:
+                    if skipped is None:
+                        raise
+                    skipped[str(card.parent)] = _load_error(card.parent, e)
+                    continue
                 models[m.id] = m
     return models
+
+
+def _load_error(folder: Path, e: Exception) -> str:
+    """What went wrong, naming the file where the library's message does not (safetensors
+    reports an unreadable file as "No such file or directory")."""
+    unreadable = [p.name for p in (folder / CARD, folder / WEIGHTS) if p.exists() and not os.access(p, os.R_OK)]
+    if unreadable:
+        return f"{', '.join(unreadable)} not readable by this user (check the file permissions)"
+    return f"{type(e).__name__}: {e}"

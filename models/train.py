@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import data as D
-from .checkpoint import CARD, WEIGHTS, save_checkpoint
+from .checkpoint import CARD, WEIGHTS, save_checkpoint, save_tensors
 from .formats import DEFAULT_METHODS
 from .denoiser import EDMPrecond
 from .unet import UNet
@@ -529,9 +529,7 @@ def run_train(args: argparse.Namespace) -> Path:
         tensors = tr.pack()
         sj = _state_json(tr, cfg, extra)
         for dst, md in ((run_dir / STATE_TENSORS, None), (ckpt / RESUME, {"state": json.dumps(sj)})):
-            tmp = dst.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata=md)
-            tmp.replace(dst)
+            save_tensors(tensors, dst, md)
         tmp = run_dir / (STATE_JSON + ".tmp")
         tmp.write_text(json.dumps(sj, indent=1) + "\n")
         tmp.replace(run_dir / STATE_JSON)

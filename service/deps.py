@@ -34,6 +34,7 @@ class State:
         self.settings = settings
         self.models = models
         self.load_error: str | None = None
+        self.skipped_models: dict[str, str] = {}  # checkpoint folders that failed to load -> why
         self.recovered = False
         self.shutting_down = False
         self.metrics = ServiceMetrics()
@@ -58,8 +59,11 @@ class State:
         try:
             if self.models is None:
                 extra = [self.settings.models_dir] if self.settings.models_dir else []
-                self.models = load_models(default_checkpoint_dir(), *extra, device=self.settings.device)
+                self.models = load_models(default_checkpoint_dir(), *extra, device=self.settings.device,
+                                          skipped=self.skipped_models)
                 log.info("loaded models: %s", sorted(self.models))
+                for folder, why in self.skipped_models.items():  # one bad folder never blocks the others
+                    log.error("model folder %s not served: %s", folder, why)
             s = self.settings
             options = NetworkOptions(autocast=s.autocast, channels_last=s.channels_last,
                                      compile=(True if s.compile == "default" else s.compile) or False)

@@ -39,7 +39,10 @@ async def readyz(state: State = Depends(get_state)):
             reason = "worker not running"
         return JSONResponse(error_body("not_ready", f"not ready: {reason}; retry in a few seconds"), 503,
                             headers={"Retry-After": "5"})
-    return {"status": "ready", "models": sorted(state.models), "device": state.settings.device}
+    body = {"status": "ready", "models": sorted(state.models), "device": state.settings.device}
+    if state.skipped_models:
+        body["skipped_models"] = state.skipped_models  # folders that failed to load, and why
+    return body
 
 
 @router.get("/metrics", dependencies=AUTH, response_class=Response, responses={

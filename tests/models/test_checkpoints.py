@@ -156,3 +156,29 @@ def test_darcy_prior_recovers_a_from_sparse_u(models):
     assert trained <= DARCY_MAX_A_ERR
     assert trained < majority - 0.1
     assert untrained > DARCY_MAX_A_ERR  # the threshold discriminates
+
+
+def test_a_folder_that_fails_to_load_is_skipped_with_its_reason(tmp_path):
+    """One bad checkpoint folder never blocks the others: with ``skipped``, it is left out and
+    the reason recorded (an unreadable weights file is named as such, not "no such file")."""
+    import os
+    import shutil
+
+    import pytest
+
+    good, bad = tmp_path / "models" / "good", tmp_path / "models" / "bad"
+    shutil.copytree(CHECKPOINTS / "phantom-64", good, ignore=shutil.ignore_patterns("resume.*"))
+    shutil.copytree(good, bad)
+    card = json.loads((bad / "card.json").read_text())
+    (bad / "card.json").write_text(json.dumps({**card, "id": "bad-64"}))
+    (bad / "weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        load_models(tmp_path / "models")
+    skipped = {}
+    models = load_models(tmp_path / "models", skipped=skipped)
+    assert "phantom-64" in models and "bad-64" not in models and list(skipped) == [str(bad)]
+    if os.geteuid() != 0:  # root reads any file: the permission case is checked where it can fail
+        os.chmod(good / "weights.safetensors", 0)
+        skipped = {}
+        load_models(tmp_path / "models", skipped=skipped)
+        assert "not readable" in skipped[str(good)]
