@@ -74,3 +74,22 @@ def test_unguided_prior_samples_are_far_from_the_posterior(prior):
     xs = den.sample_prior(SAMPLES, torch.Generator().manual_seed(3)).reshape(SAMPLES, -1).numpy()
     err, ratio = stats(xs, mean, std)
     assert err > 0.5 and ratio > 2
+
+
+@pytest.mark.parametrize("kind", ["inpainting", "blur"])
+def test_fast_card_setting_is_calibrated(prior, kind):
+    """grf-32's card setting for fast (50 steps, no proximal step on top of the Kalman step):
+    its spread within 20 % of the exact posterior's, its mean within 0.08. The proximal step at
+    lam 1 counts the data twice and under-disperses (std about 0.7-0.8 of exact): this test
+    tells them apart."""
+    from guidance.solve import plan_method
+
+    den, cov = prior
+    op, y, mean, std = problem(kind, den, cov)
+    cfg = plan_method(den.card(), den, "fast").config
+    assert (cfg.steps, cfg.lam) == (50, 1e-6)
+    err, ratio = stats(run("fast", den, op, y, steps=cfg.steps, lam=cfg.lam), mean, std)
+    assert err <= 0.08, f"fast mean off the exact posterior mean by {err:.3f}"
+    assert 0.8 < ratio < 1.2, f"fast median std / exact = {ratio:.3f}"
+    _, ratio_lam1 = stats(run("fast", den, op, y, steps=cfg.steps, lam=1.0), mean, std)
+    assert ratio_lam1 < 0.8
