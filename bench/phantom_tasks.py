@@ -21,7 +21,9 @@ of a task as one batch, one posterior sample per case, one random stream per cas
 Reported: PSNR (data range 1) of the sample clipped to [0, 1], mean over cases and per case;
 network evaluations per case (counted, not computed); wall-clock seconds for the batch.
 ``:samples=K`` scores the mean of K posterior samples per case instead (what a request with
-``num_samples: K`` returns as ``mean``); its nfe is per sample, the compute K times that.
+``num_samples: K`` returns as ``mean``); its nfe is per sample, the compute K times that. It
+also reports ``coverage_2sd``: per case, the fraction of ground-truth pixels within the mean
++- 2 std of the K samples (the uncertainty map's calibration; about 0.95 if calibrated).
 Results go to ``--out`` (merged into an existing file entry by entry, written after each
 method so that a long run keeps what it finished).
 
@@ -151,7 +153,10 @@ def run_method(model, task: str, spec: dict, op, y, x_true, name: str, params: d
     e = {"method": name, "params": r["config"], "nfe": r["nfe"], "seconds": r["seconds"],
          "psnr": psnrs(x.mean(0), x_true), "diverged": r["diverged"]}
     if k > 1:
-        e.update(samples=k, psnr_first_sample=psnrs(x[0], x_true))
+        # calibration: the fraction of ground-truth pixels inside mean +- 2 std of the k samples
+        m, sd = x.mean(0), x.std(0, ddof=1)
+        cover = (np.abs(np.asarray(x_true) - m) <= 2 * sd).reshape(len(m), -1).mean(1)
+        e.update(samples=k, psnr_first_sample=psnrs(x[0], x_true), coverage_2sd=[float(c) for c in cover])
     return e
 
 
@@ -160,8 +165,9 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
     for task, label, e in rows:
         p = np.asarray(e["psnr"], dtype=np.float64)
         m = finite_mean(p)
+        cover = f"  coverage(2sd) {np.mean(e['coverage_2sd']):.3f}" if "coverage_2sd" in e else ""
         print(f"{task:18s} {label:34s} {fmt(m):>8s} {fmt(float(np.min(p))):>6s} {fmt(float(np.max(p))):>6s} "
-              f"{e['nfe']:>6d} {e['seconds']:>8.1f}" + ("  DIVERGED" if e.get("diverged") else ""))
+              f"{e['nfe']:>6d} {e['seconds']:>8.1f}" + ("  DIVERGED" if e.get("diverged") else "") + cover)
 
 
 def main_run(args, model) -> None:
