@@ -64,14 +64,8 @@ class ClusterJobs(JobsBase):
         for job in jobs:
             job.notify()
 
-    def stop(self, timeout: float = 8.0) -> None:
-        self.begin_shutdown()
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        for t in (self._watcher, self._timer):
-            if t is not None:
-                t.join(timeout)
+    def _threads(self) -> tuple:
+        return self._watcher, self._timer
 
     def recover(self, rebuild=None) -> int:
         """Hand over the queued jobs no worker holds (after a restart of the whole cluster)."""

@@ -270,6 +270,22 @@ class JobsBase:
             rate = cost / elapsed
             self._throughput = rate if self._throughput is None else 0.7 * self._throughput + 0.3 * rate
 
+    def begin_shutdown(self) -> None:
+        raise NotImplementedError
+
+    def _threads(self) -> tuple:
+        """The threads ``stop`` waits for."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 8.0) -> None:
+        self.begin_shutdown()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads():
+            if t is not None:
+                t.join(timeout)
+
     def _start_retention(self) -> None:
         self._timer = threading.Thread(target=self._retention_loop, name="reconserve-retention", daemon=True)
         self._timer.start()
@@ -479,14 +495,8 @@ class JobManager(JobsBase):
         for job in jobs:
             job.notify()
 
-    def stop(self, timeout: float = 8.0) -> None:
-        self.begin_shutdown()
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        for t in (self._thread, self._timer, self._lease):
-            if t is not None:
-                t.join(timeout)
+    def _threads(self) -> tuple:
+        return self._thread, self._timer, self._lease
 
     def pause(self) -> None:
         """Stop taking jobs from the queue (the running batch goes on)."""
