@@ -33,9 +33,12 @@ class ClusterJobs(JobsBase):
     (``dispatch(job_id)`` hands one over and returns when the replica lets go of it)."""
 
     def __init__(self, settings, store: JobStore, metrics: ServiceMetrics | None = None,
-                 dispatch: Callable[[str], Awaitable[dict]] | None = None):
+                 dispatch: Callable[[str], Awaitable[dict]] | None = None,
+                 probe: Callable[[], Awaitable[dict]] | None = None):
         super().__init__(settings, store, metrics)
-        self.dispatch = dispatch
+        self.dispatch, self.probe = dispatch, probe
+        #: a worker replica has answered ``probe`` (readiness: jobs can run)
+        self.workers_ready = probe is None
         self._dispatching: set[str] = set()  # ids handed to the workers by this ingress, not yet let go
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: threading.Thread | None = None
@@ -51,6 +54,18 @@ class ClusterJobs(JobsBase):
         self._watcher = threading.Thread(target=self._watch_loop, name="reconserve-watch", daemon=True)
         self._watcher.start()
         self._start_retention()
+        if self.probe is not None:
+            asyncio.ensure_future(self._probe_workers())
+
+    async def _probe_workers(self) -> None:
+        """Ready once a worker replica answers (``/readyz`` says 503 until then)."""
+        while not self._stop and not self.workers_ready:
+            try:
+                await asyncio.wait_for(self.probe(), 10.0)
+                self.workers_ready = True
+                log.info("a worker replica answered: ready")
+            except Exception:  # noqa: BLE001 - none is up yet
+                await asyncio.sleep(1.0)
 
     @property
     def alive(self) -> bool:

@@ -45,7 +45,8 @@ class State:
 
     @property
     def ready(self) -> bool:
-        return self.models is not None and self.recovered and self.jobs.alive and not self.shutting_down
+        return (self.models is not None and self.recovered and self.jobs.alive and not self.shutting_down
+                and getattr(self.jobs, "workers_ready", True))
 
     @property
     def large_bodies(self) -> asyncio.Semaphore:

@@ -77,6 +77,10 @@ class Worker:
             job.unsubscribe(loop, event, progress=False)
         return {"id": job_id, "claimed": True, "status": job.status, "worker": self.owner}
 
+    def ping(self) -> dict:
+        """The ingress's readiness probe."""
+        return {"worker": self.owner}
+
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose worker thread died."""
         if not self.state.jobs.alive:
@@ -103,10 +107,14 @@ class Ingress:
         from .app import create_app
         from .cluster import ClusterJobs
 
-        return create_app(self.settings, make_jobs=lambda s, store, m: ClusterJobs(s, store, m, self.dispatch))
+        return create_app(self.settings, make_jobs=lambda s, store, m: ClusterJobs(s, store, m, self.dispatch,
+                                                                                   self.ping))
 
     async def dispatch(self, job_id: str) -> dict:
         return await self.worker.run.remote(job_id)
+
+    async def ping(self) -> dict:
+        return await self.worker.ping.remote()
 
 
 def num_gpus(settings: Settings) -> float:

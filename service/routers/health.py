@@ -35,6 +35,8 @@ async def readyz(state: State = Depends(get_state)):
             reason = "loading models"
         elif not state.recovered:
             reason = "resuming the jobs of the previous run"
+        elif not getattr(state.jobs, "workers_ready", True):
+            reason = "no worker replica has answered yet (starting, or none is running)"
         else:
             reason = "worker not running"
         return JSONResponse(error_body("not_ready", f"not ready: {reason}; retry in a few seconds"), 503,

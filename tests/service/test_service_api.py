@@ -76,7 +76,7 @@ def test_readyz_503_until_ready(monkeypatch):
 
     release = threading.Event()
 
-    def slow_load(*folders, device="cpu"):
+    def slow_load(*folders, device="cpu", skipped=None):
         release.wait(20)
         return MODELS
 

@@ -6,13 +6,14 @@ the samples an uninterrupted run gives (grf-32 is float64: bit for bit)."""
 import json
 import os
 import signal
+import time
 
 import httpx
 import numpy as np
 import pytest
 
 from postgres import fresh_database
-from svc_helpers import body, decode, start_server, stop_server
+from svc_helpers import body, decode, server_log, start_server, stop_server
 from test_service_durability import LONG, done, solo, submit, wait_for
 
 pytest.importorskip("ray.serve")
@@ -27,6 +28,10 @@ def cluster(pg_url):
            "RECONSERVE_LEASE_S": 3, "RECONSERVE_PROGRESS_PERSIST_S": 0.2}
     proc, url = start_server(env, ready_timeout=300, serve_args=("--ray", "--ray-cpus", "2"))
     try:
+        end = time.monotonic() + 300  # /readyz: one worker answered; the log line: every replica runs
+        while "reconserve on Ray Serve at" not in server_log(proc):
+            assert time.monotonic() < end and proc.poll() is None, server_log(proc)[-3000:]
+            time.sleep(0.5)
         with httpx.Client(base_url=url, timeout=60) as http:
             yield http
     finally:
