@@ -153,7 +153,7 @@ class ClusterJobs(JobsBase):
         for rec in self.store.stale(time.time() - self.settings.lease_s):
             if self.store.release(rec.id, rec.owner, _cancelled_error(), now_iso()):
                 log.warning("job %s: worker %s stopped renewing its lease; the job runs again", rec.id, rec.owner)
-        orphans = [r.id for r in self.store.unfinished() if r.status == "queued" and r.owner is None]
+        orphans = self.store.unclaimed()
         with self._cond:
             orphans = [i for i in orphans if i not in self._dispatching]
         for job_id in orphans:

@@ -171,7 +171,7 @@ def serve_ray(host: str, port: int, overrides: dict[str, Any], address: str | No
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     try:
         serve.start(http_options={"host": host, "port": int(port)})
         serve.run(build_app(overrides), name="reconserve", route_prefix="/")

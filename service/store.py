@@ -109,8 +109,8 @@ class JobRecord:
     @classmethod
     def from_row(cls, row) -> "JobRecord":
         m = dict(row._mapping)
-        for k in ("request", "error", "result"):
-            m[k] = json.loads(m[k]) if m[k] else ({} if k == "request" else None)
+        for k in ("request", "error", "result"):  # (a row read without its request: {})
+            m[k] = json.loads(m[k]) if m.get(k) else ({} if k == "request" else None)
         return cls(**m)
 
 
@@ -317,13 +317,21 @@ class JobStore:
                 (t.id == job_id) & t.status.in_(("queued", "running"))).values(status="cancelling")).rowcount > 0
 
     def states(self, job_ids: list[str]) -> dict[str, JobRecord]:
-        """The rows of ``job_ids`` (those that exist)."""
+        """The rows of ``job_ids`` (those that exist), without their request (polled often)."""
+        cols = [c for c in jobs_table.c if c.name != "request"]
         out: dict[str, JobRecord] = {}
         for chunk in _chunks(job_ids, 500):
             with self.engine.connect() as c:
-                for r in c.execute(sa.select(jobs_table).where(jobs_table.c.id.in_(chunk))).all():
+                for r in c.execute(sa.select(*cols).where(jobs_table.c.id.in_(chunk))).all():
                     out[r.id] = JobRecord.from_row(r)
         return out
+
+    def unclaimed(self) -> list[str]:
+        """Ids of the queued jobs no worker holds, oldest first."""
+        t = jobs_table.c
+        with self.engine.connect() as c:
+            return list(c.execute(sa.select(t.id).where((t.status == "queued") & t.owner.is_(None))
+                                  .order_by(t.created_ts)).scalars())
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: str) -> JobRecord | None:
