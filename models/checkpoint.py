@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .denoiser import Denoiser, EDMPrecond
+from .denoiser import Denoiser, EDMPrecond, FlowDenoiser
 from .grf import GRFDenoiser
 from .unet import ARCHITECTURES
 
@@ -61,8 +61,11 @@ def build_network(arch: dict) -> torch.nn.Module:
 def wrap_network(net: torch.nn.Module, card: dict) -> Denoiser:
     """Turn a bare network into ``D(x, sigma)`` following the card's parameterization."""
     p = card["parameterization"]
+    if p.get("kind") == "flow":
+        return FlowDenoiser(net, card["shape"], sigma_min=card.get("sigma_min", 0.002),
+                            sigma_max=card.get("sigma_max", 80.0))
     if p.get("kind") != "edm":
-        raise CheckpointError(f"unsupported parameterization {p!r} for a native checkpoint")
+        raise CheckpointError(f"unsupported parameterization {p!r} for a native checkpoint (edm or flow)")
     return EDMPrecond(net, card["shape"], sigma_data=p.get("sigma_data", 0.5),
                       sigma_min=card.get("sigma_min", 0.002), sigma_max=card.get("sigma_max", 80.0))
 

@@ -110,6 +110,34 @@ class EDMPrecond(Denoiser):
         return _col(c_skip, x).to(x.dtype) * x + _col(c_out, x).to(x.dtype) * f
 
 
+class FlowDenoiser(Denoiser):
+    """A flow-matching (rectified-flow / linear stochastic-interpolant) velocity network as ``D``.
+
+    Trained on ``x_t = (1 - t) x0 + t z`` (``z ~ N(0, I)``) to predict ``v = z - x0``. The same
+    point in sigma-space: ``x_t / (1 - t) = x0 + t / (1 - t) z``, so ``sigma = t / (1 - t)``,
+    ``x = x_t / (1 - t)``; then ``x0 = x_t - t v``. ``net(x_t, c_noise)`` takes
+    ``c_noise = log(sigma) / 4`` (= logit(t) / 4, EDM's conditioning) of shape ``[B]``.
+    """
+
+    def __init__(self, net: nn.Module, shape, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.net, self.shape = net, tuple(shape)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    @staticmethod
+    def t_of(sigma: torch.Tensor) -> torch.Tensor:
+        return sigma / (1 + sigma)
+
+    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.call_net(x_t, torch.log(sigma) / 4).to(x_t.dtype)
+
+    def forward(self, x, sigma):
+        s = sigma_batch(sigma, x)
+        t = _col(self.t_of(s), x).to(x.dtype)
+        x_t = x * (1 - t)
+        return x_t - t * self.velocity(x_t, s)
+
+
 class VPDenoiser(Denoiser):
     """A discrete-time VP (DDPM) network as a sigma-space denoiser.
 

@@ -52,7 +52,7 @@ from safetensors.torch import load_file
 from . import data as D
 from .checkpoint import CARD, WEIGHTS, save_checkpoint, save_tensors
 from .formats import DEFAULT_METHODS
-from .denoiser import EDMPrecond
+from .denoiser import Denoiser, EDMPrecond, FlowDenoiser
 from .unet import UNet
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
@@ -60,12 +60,14 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 STATE_TENSORS, STATE_JSON, RESUME = "state.safetensors", "state.json", "resume.safetensors"
 
 # Settings that define the model and its data: taken from the saved state on --resume.
-_STRUCTURAL = ("data", "resolution", "num_examples", "data_seed", "base_channels", "channel_mult",
+_STRUCTURAL = ("objective", "data", "resolution", "num_examples", "data_seed", "base_channels", "channel_mult",
                "blocks_per_level", "attention")
 _DEFAULTS = dict(data="darcy", resolution=64, num_examples=10000, data_seed=0, base_channels=32,
                  channel_mult="1,2,2,2", blocks_per_level=1, attention=True, steps=20000, batch=16,
                  lr=2e-4, warmup=500, grad_clip=1.0, ema_halflife_kimg=10.0, ema_rampup=0.05,
-                 augment="auto", seed=0)
+                 augment="auto", seed=0, objective="edm")
+#: ``--objective``: what the network learns; the card's ``parameterization.kind`` says which.
+OBJECTIVES = ("edm", "flow")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -93,6 +95,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--blocks-per-level", type=int, default=None, help="UNet residual blocks per level [1]")
     a("--no-attention", dest="attention", action="store_false", default=None,
       help="no self-attention at the coarsest level")
+    a("--objective", choices=OBJECTIVES, default=None,
+      help="edm: denoising score matching with EDM preconditioning; flow: flow matching (velocity of the "
+           "linear interpolant x_t = (1 - t) x0 + t z), served through the same D(x, sigma) [edm]")
     a("--augment", choices=("auto", "none", "flips", "d4"), default=None,
       help="random symmetries: auto = d4 for PDE data, flips for phantoms, none for folders [auto]")
     a("--save-every", type=int, default=200, help="save state and checkpoint every this many steps [200]")
@@ -177,13 +182,46 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
 
 def edm_loss(precond: EDMPrecond, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """EDM loss ``E[lambda(sigma) |D(x + sigma n, sigma) - x|^2]``, mean over batch and pixels."""
-    b = x.shape[0]
-    sigma = (torch.randn(b, generator=gen) * P_STD + P_MEAN).exp().to(x.device)
-    noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    sigma, noise = _draw_sigma_noise(x, gen)
     s = sigma.view(-1, 1, 1, 1).to(x.dtype)
     weight = (s ** 2 + SIGMA_DATA ** 2) / (s * SIGMA_DATA) ** 2
     den = precond(x + s * noise, sigma)
     return (weight * (den - x) ** 2).mean()
+
+
+def flow_loss(model: FlowDenoiser, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Conditional flow matching ``E |v(x_t, t) - (z - x0)|^2`` on ``x_t = (1 - t) x0 + t z``.
+
+    ``t = sigma / (1 + sigma)`` with ``ln sigma ~ N(P_mean, P_std)`` as in ``edm_loss``: a logit-normal
+    ``t`` (logit t ~ N(-1.2, 1.2)), so both objectives see the same noise levels and budget."""
+    sigma, z = _draw_sigma_noise(x, gen)
+    t = model.t_of(sigma).view(-1, 1, 1, 1).to(x.dtype)
+    x_t = (1 - t) * x + t * z
+    return ((model.velocity(x_t, sigma) - (z - x)) ** 2).mean()
+
+
+def _draw_sigma_noise(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    sigma = (torch.randn(x.shape[0], generator=gen) * P_STD + P_MEAN).exp().to(x.device)
+    return sigma, torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+
+
+def make_denoiser(objective: str, net: torch.nn.Module, shape) -> Denoiser:
+    """The ``D(x, sigma)`` a trained network is served as (``objective`` from the config)."""
+    if objective == "flow":
+        return FlowDenoiser(net, shape, SIGMA_MIN, SIGMA_MAX)
+    return EDMPrecond(net, shape, SIGMA_DATA, SIGMA_MIN, SIGMA_MAX)
+
+
+def parameterization(objective: str) -> dict:
+    """The card's ``parameterization`` of a native checkpoint."""
+    if objective == "flow":
+        return {"kind": "flow", "interpolant": "x_t = (1 - t) x0 + t z, z ~ N(0, I)", "target": "v = z - x0",
+                "sigma": "t / (1 - t)", "x": "x_t / (1 - t)", "c_noise": "log(sigma) / 4"}
+    return {"kind": "edm", "sigma_data": SIGMA_DATA}
+
+
+LOSS_TEXT = {"edm": "EDM (P_mean=-1.2, P_std=1.2, sigma_data=0.5)",
+             "flow": "flow matching, v = z - x0, unweighted; logit t ~ N(-1.2, 1.2)"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -267,7 +305,7 @@ def build_card(cfg: dict, kind: str, shape, shift, scale, meta: dict | None, tra
         "shape": list(shape),
         "channels": channels,
         "architecture": {"name": "unet", "args": arch_args(cfg, shape[0])},
-        "parameterization": {"kind": "edm", "sigma_data": SIGMA_DATA},
+        "parameterization": parameterization(cfg.get("objective", "edm")),
         "sigma_min": SIGMA_MIN,
         "sigma_max": SIGMA_MAX,
         "normalization": {"shift": list(shift), "scale": list(scale),
@@ -307,7 +345,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.net).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.precond = EDMPrecond(self.net, shape, SIGMA_DATA, SIGMA_MIN, SIGMA_MAX)
+        self.precond = make_denoiser(cfg.get("objective", "edm"), self.net, shape)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
         self.gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # batches, augmentation, sigma, noise
         self.step, self.loss_ema, self.wall_time = 0, None, 0.0
@@ -355,7 +393,7 @@ class Trainer:
         cfg = self.cfg
         idx = torch.randint(x_all.shape[0], (cfg["batch"],), generator=self.gen)
         x = augment(x_all[idx.to(x_all.device)].to(self.device), aug, self.gen)
-        loss = edm_loss(self.precond, x, self.gen)
+        loss = (flow_loss if isinstance(self.precond, FlowDenoiser) else edm_loss)(self.precond, x, self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in self.net.parameters():  # EDM: never let one bad batch poison the weights
@@ -407,6 +445,8 @@ def _read_resume_state(ckpt: Path):
 # ----------------------------------------------------------------------------- main
 def _resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     cfg = {}
+    if saved is not None:  # runs from before --objective existed are EDM runs
+        saved = {"objective": "edm", **saved}
     for k, default in _DEFAULTS.items():
         v = getattr(args, k, None)
         if saved is not None and k in saved:
@@ -464,7 +504,8 @@ def run_train(args: argparse.Namespace) -> Path:
             a = old_card["architecture"]["args"]
             saved_cfg = {"data": tr_old.get("data", data_arg), "resolution": old_card["shape"][-1],
                          "base_channels": a["base"], "channel_mult": a["channel_mult"],
-                         "blocks_per_level": a.get("blocks_per_level", 1), "attention": a.get("attention", True)}
+                         "blocks_per_level": a.get("blocks_per_level", 1), "attention": a.get("attention", True),
+                         "objective": old_card["parameterization"].get("kind", "edm")}
     cfg = _resolve_config(args, saved_cfg)
     cfg["id"] = run_id
     if cfg["data"] not in D.KINDS:  # a folder: --resolution crops and resizes (remembered for --resume)
@@ -537,7 +578,7 @@ def run_train(args: argparse.Namespace) -> Path:
         train_info = {**data_info, "steps": tr.step, "batch": cfg["batch"], "lr": cfg["lr"],
                       "warmup": cfg["warmup"], "grad_clip": cfg["grad_clip"],
                       "ema_halflife_kimg": cfg["ema_halflife_kimg"], "ema_rampup": cfg["ema_rampup"],
-                      "augment": aug, "loss": "EDM (P_mean=-1.2, P_std=1.2, sigma_data=0.5)",
+                      "augment": aug, "loss": LOSS_TEXT[cfg.get("objective", "edm")],
                       "seed": cfg["seed"], "wall_time_s": round(tr.wall_time, 1), "hardware": hardware,
                       "final_loss": tr.loss_ema, "started": tr.started, "updated": _now(),
                       "parameters": n_params, "config": cfg}

@@ -108,3 +108,23 @@ def test_checkpoint_round_trip(tmp_path):
     (tmp_path / "tiny" / "card.json").write_text("{}")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "tiny")
+
+
+def test_flow_denoiser_maps_the_exact_velocity_to_the_exact_denoiser():
+    # x0 ~ N(0, sd^2 I) and x_t = (1 - t) x0 + t z: E[z - x0 | x_t] = (t - (1 - t) sd^2) / var(x_t) x_t.
+    # Through x0 = x_t - t v, sigma = t / (1 - t), x = x_t / (1 - t) it must equal sd^2 / (sd^2 + sigma^2) x.
+    from models.denoiser import FlowDenoiser
+    sd = 0.5
+
+    class ExactVelocity(torch.nn.Module):
+        def forward(self, x_t, c_noise):
+            s = torch.exp(4 * c_noise)
+            t = (s / (1 + s)).view(-1, 1, 1, 1)
+            var = (1 - t) ** 2 * sd ** 2 + t ** 2
+            return (t - (1 - t) * sd ** 2) / var * x_t
+
+    d = FlowDenoiser(ExactVelocity().double(), (1, 8, 8))
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64)
+    want = (sd ** 2 / (sd ** 2 + sigma ** 2)).view(-1, 1, 1, 1) * x
+    torch.testing.assert_close(d(x, sigma), want, rtol=1e-10, atol=1e-12)
