@@ -7,20 +7,20 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.schedules import SCHEDULES
 
-from .samplers import (ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, SamplerConfig,
+from .samplers import (ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, Sampler, SamplerConfig,
                        sample_ald, sample_diffusion_pde, sample_dps, sample_fast)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    sampler: Callable
+    sampler: Sampler
     config: type[SamplerConfig]
     summary: str
     paper: str

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
+from models.denoiser import Denoiser
 from models.schedules import SCHEDULES
-from operators.base import batch_dot
+from operators.base import Operator, batch_dot
 
-from .core import (Progress, ancestral_step, col, denoise_with_grad, heun_step, init_state, levels, randn_like,
+from .core import (Callback, Progress, SplitGenerator, ancestral_step, col, denoise_with_grad, heun_step, init_state, levels, randn_like,
                    snr_step_size, state_dtype_of)
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
@@ -38,6 +39,19 @@ def _weights(zeta, channels: int):
     if len(zeta) != channels:
         raise ValueError(f"expected {channels} per-channel weights, got {len(zeta)}")
     return tuple(float(z) for z in zeta)
+
+
+#: What a sampler draws its noise from: one generator, or one stream per problem of a batch.
+Generator = torch.Generator | SplitGenerator
+
+
+class Sampler(Protocol):
+    """The seam between the driver and every method (``registry.Method.sampler``): the signature
+    above, typed. Returns the samples, ``[B, C, H, W]`` in network space."""
+
+    def __call__(self, denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: torch.Tensor, *,
+                 config: "SamplerConfig", generator: Generator, callback: Callback = None,
+                 noise_sigma: float = 0.0, pde: Operator | None = None) -> torch.Tensor: ...
 
 
 # --------------------------------------------------------------------------- configs
@@ -105,8 +119,9 @@ class DPSConfig(SamplerConfig):
         return Cost(self.steps, self.steps)  # one gradient through x0_hat per step
 
 
-def sample_dps(denoiser, operator, y, sigmas, *, config: DPSConfig, generator, callback=None,
-               noise_sigma: float = 0.0, pde=None):
+def sample_dps(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: torch.Tensor, *,
+               config: DPSConfig, generator: Generator, callback: Callback = None,
+               noise_sigma: float = 0.0, pde: Operator | None = None) -> torch.Tensor:
     """Diffusion Posterior Sampling (Chung, Kim, McCann, Klasky, Ye, ICLR 2023), Algorithm 1.
 
     Ancestral (DDPM) steps; after each, ``x -= zeta_i grad_x ||y - A(x0_hat(x))||^2`` with
@@ -185,8 +200,9 @@ def _with_level(sigmas: torch.Tensor, nu: float | None) -> torch.Tensor:
     return s.sort(descending=True).values
 
 
-def sample_ald(denoiser, operator, y, sigmas, *, config: ALDConfig, generator, callback=None,
-               noise_sigma: float = 0.0, pde=None):
+def sample_ald(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: torch.Tensor, *,
+               config: ALDConfig, generator: Generator, callback: Callback = None,
+               noise_sigma: float = 0.0, pde: Operator | None = None) -> torch.Tensor:
     """Projection-based score ALD (Song, Shen, Xing, Ermon, ICLR 2022; Jalal et al. 2021).
 
     At each level ``sigma_i``: (1) project onto a noised measurement ``y_i`` drawn from
@@ -262,8 +278,9 @@ class DiffusionPDEConfig(SamplerConfig):
         return Cost(n, n)
 
 
-def sample_diffusion_pde(denoiser, operator, y, sigmas, *, config: DiffusionPDEConfig, generator,
-                         callback=None, noise_sigma: float = 0.0, pde=None):
+def sample_diffusion_pde(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: torch.Tensor, *,
+                         config: DiffusionPDEConfig, generator: Generator, callback: Callback = None,
+                         noise_sigma: float = 0.0, pde: Operator | None = None) -> torch.Tensor:
     """DiffusionPDE (Huang, Yang, Wang, Park, NeurIPS 2024): EDM Heun steps guided by
     ``zeta_obs ||(y - A x0)|_c||`` per channel and ``zeta_pde ||R(x0)||``; the gradient is
     taken w.r.t. the step's start through the Heun-corrected ``x0_hat``."""
@@ -329,8 +346,9 @@ class FastConfig(SamplerConfig):
         return Cost(self.steps, self.steps * self.cg_iters)  # one backprop per CG iteration
 
 
-def sample_fast(denoiser, operator, y, sigmas, *, config: FastConfig, generator, callback=None,
-                noise_sigma: float = 0.0, pde=None):
+def sample_fast(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: torch.Tensor, *,
+                config: FastConfig, generator: Generator, callback: Callback = None,
+                noise_sigma: float = 0.0, pde: Operator | None = None) -> torch.Tensor:
     """Kalman guidance: one network call (and ``cg_iters`` backprops) per step.
 
     Our method, after PiGDM (Song, Vahdat, Mardani, Kautz, ICLR 2023) and DiffPIR / DDNM.
