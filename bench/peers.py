@@ -36,7 +36,17 @@ Peers (deepinv 0.5.0, run as shipped, see /work/shared/deepinv-notes.md):
 
 Ours: ``fast`` (``lam`` and ``cg_iters`` from bench/results/phantom-64-tune.json, at several
 step counts, with ``cg_iters`` 1 and the tuned value) and ``dps`` (the card's ``zeta``, 1000 steps)
-through ``bench.common.run_samples``, exactly as bench/phantom_tasks.py runs them.
+through ``bench.common.run_samples``, exactly as bench/phantom_tasks.py runs them; and
+``fast_prox``: ``fast`` with ``cg_iters`` 0 (only the closed-form proximal data step of the linear
+operator: one network call a step and no backprop, the cost of a DiffPIR or DDRM step), its
+``lam``, ``eta`` (100 = fresh noise at every step, DiffPIR's ``zeta`` 1) and ``schedule`` tuned
+on the tuning cases like a peer's (``--tune --methods fast_prox``).
+
+Equal time, side by side in one run (the zero-backprop methods and the cheap ``fast`` points)::
+
+    .venv/bin/python bench/peers.py --cases 3 --methods dinv_diffpir,dinv_ddrm,fast_prox \
+        --fast-steps 10,20 --ours-dps-steps '' --out bench/results/peers-phantom-64-equal-time.json \
+        --plots docs/benchmarks/equal-time
 
 Cases and seeds: the held-out phantoms and observations of bench/phantom_tasks.py (``observe``:
 same noise per case, sigma 0.02); tuning on ``TUNE_SEED`` cases with the observation seeds of
@@ -91,16 +101,21 @@ TUNE_GRID = {
     "dinv_ddrm": {"eta": [0.5, 0.85, 1.0], "etab": [0.7, 1.0]},
     "dinv_pigdm": {"weight": [0.3, 1.0, 3.0]},
     "dinv_mm": {"weight": [0.3, 1.0, 3.0]},
+    "fast_prox": {"lam": [1.0, 3.0, 10.0], "eta": [1.0, 100.0], "schedule": ["karras", "vp_cosine"]},
 }
-TUNE_STEPS = {"dinv_dps": 100, "dinv_diffpir": 50, "dinv_ddrm": 50, "dinv_pigdm": 50, "dinv_mm": 20}
+TUNE_STEPS = {"dinv_dps": 100, "dinv_diffpir": 50, "dinv_ddrm": 50, "dinv_pigdm": 50, "dinv_mm": 20, "fast_prox": 50}
 #: Defaults where nothing was tuned (deepinv's own, DPS: the notes' weight).
 PEER_DEFAULTS = {"dinv_dps": {"weight_x": 1.0}, "dinv_diffpir": {"lambda_": 7.0, "zeta": 0.1},
-                 "dinv_ddrm": {"eta": 0.85, "etab": 1.0}, "dinv_pigdm": {"weight": 1.0}, "dinv_mm": {"weight": 1.0}}
+                 "dinv_ddrm": {"eta": 0.85, "etab": 1.0}, "dinv_pigdm": {"weight": 1.0}, "dinv_mm": {"weight": 1.0},
+                 "fast_prox": {"lam": 1.0, "eta": 1.0, "schedule": "karras"}}
 PEER_LABELS = {"dinv_dps": "DPS (deepinv)", "dinv_diffpir": "DiffPIR (deepinv)", "dinv_ddrm": "DDRM (deepinv)",
-               "dinv_pigdm": "PiGDM (deepinv)", "dinv_mm": "MomentMatching (deepinv)"}
+               "dinv_pigdm": "PiGDM (deepinv)", "dinv_mm": "MomentMatching (deepinv)",
+               "fast_prox": "fast (cg_iters 0: closed-form data step, no backprop)"}
+#: Our own settings run like the peers (tuned by --tune, a series per step list): method, fixed params.
+OURS = {"fast": ("fast", {}), "dps": ("dps", {}), "fast_prox": ("fast", {"cg_iters": 0})}
 #: The points of the bench: series label -> (method, steps list); ``fast`` series are filled per task.
 PEER_STEPS = {"dinv_diffpir": [10, 20, 50, 100], "dinv_ddrm": [10, 20, 50, 100], "dinv_dps": [100, 250, 1000],
-              "dinv_pigdm": [20, 50, 100], "dinv_mm": [10, 20, 50]}
+              "dinv_pigdm": [20, 50, 100], "dinv_mm": [10, 20, 50], "fast_prox": [10, 20, 50, 100]}
 FAST_STEPS = [10, 20, 30, 50]
 OURS_DPS_STEPS = [1000]
 SMOKE_STEPS = 2
@@ -347,9 +362,11 @@ class Bench:
         b = len(self.x_true)
         self.counter.reset()
         t0, c0 = time.perf_counter(), time.process_time()
-        if name in ("fast", "dps"):
-            r = run_samples(self.ours, self.op, self.y, 1, seed0=0, method=name,
-                            params={**params, "steps": steps}, noise_sigma=NOISE)
+        if name in OURS:
+            method, fixed = OURS[name]
+            r = run_samples(self.ours, self.op, self.y, 1, seed0=0, method=method,
+                            params={**PEER_DEFAULTS.get(name, {}), **params, **fixed, "steps": steps},
+                            noise_sigma=NOISE)
             x, calls, config = r["x"][0], r["nfe"], r["config"]
         else:
             kw = peer_params(name, params, self.task)
@@ -598,7 +615,7 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-STYLE = {"fast (cg_iters 1": ("tab:red", "o", "-"), "fast (cg_iters": ("darkred", "s", "-"),
+STYLE = {"fast (cg_iters 0": ("black", "h", "-"), "fast (cg_iters 1": ("tab:red", "o", "-"), "fast (cg_iters": ("darkred", "s", "-"),
          "dps (ours": ("tab:pink", "*", "-"), "DPS (deepinv)": ("tab:blue", "v", "--"),
          "DiffPIR (deepinv)": ("tab:green", "^", "--"), "DDRM (deepinv)": ("tab:orange", "D", "--"),
          "PiGDM (deepinv)": ("tab:purple", "P", "--"), "MomentMatching (deepinv)": ("tab:brown", "X", "--")}
@@ -677,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=3)
     p.add_argument("--tune-cases", type=int, default=3)
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--methods", default=",".join(PEER_LABELS), help="the deepinv peers")
+    p.add_argument("--methods", default=",".join(PEER_LABELS),
+                   help="the deepinv peers, and fast_prox (our fast with cg_iters 0, tuned like a peer)")
     for m, steps in PEER_STEPS.items():
         p.add_argument(f"--{m.replace('_', '-')}-steps", dest=f"{m}_steps", default=",".join(map(str, steps)))
     p.add_argument("--fast-steps", default=",".join(map(str, FAST_STEPS)))
