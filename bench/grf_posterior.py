@@ -1,6 +1,6 @@
 """Where each sampler lands against the exact posterior of the analytic grf-32 prior.
 
-    .venv/bin/python bench/grf_posterior.py [--samples 32] [--methods ald,dps,fast]
+    .venv/bin/python bench/grf_posterior.py [--samples 32] [--methods ald,dps,fast,diffusion_pde]
 
 Prints, for 25 %-observed inpainting and 7x7 Gaussian blur (sigma 1.5, circular) with
 noise 0.1: the relative L2 error of the sample mean against the exact posterior mean, the
@@ -9,12 +9,12 @@ of pixels where an independent exact posterior sample falls within the samples' 
 std; 64 exact draws averaged), and the network evaluations; plus the same figures for exact
 posterior samples (the Monte Carlo floor for this many samples). Method parameters are the
 sampler's defaults unless given (``fast:steps=50:lam=0.000001`` is grf-32's card setting).
+Every method of the registry runs (``diffusion_pde`` without a PDE: its observation term only).
 Writes ``bench/results/grf-posterior.json``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import RESULTS, atomic_write_json  # noqa: E402
 from guidance.exact import dense_matrix, gaussian_posterior  # noqa: E402
 from guidance.registry import METHODS  # noqa: E402
 from models.denoiser import CountingDenoiser  # noqa: E402
@@ -49,8 +50,8 @@ def problems(den, cov):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--methods", default="ald,dps,fast,fast:steps=50,fast:steps=50:lam=0.000001")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "grf-posterior.json"))
+    ap.add_argument("--methods", default="ald,dps,diffusion_pde,fast,fast:steps=50,fast:steps=50:lam=0.000001")
+    ap.add_argument("--out", default=str(RESULTS / "grf-posterior.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     den = GRFDenoiser(32)
@@ -82,8 +83,7 @@ def main():
                            get_sigmas(cfg.schedule, cfg.steps, den.sigma_min, den.sigma_max), config=cfg,
                            generator=torch.Generator().manual_seed(1), noise_sigma=NOISE)
             row(spec, xs.reshape(args.samples, -1).numpy(), cd.nfe, f"{time.perf_counter() - t:.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"noise": NOISE, "rows": rows}, indent=1) + "\n")
+    atomic_write_json(Path(args.out), {"noise": NOISE, "rows": rows})
     print(f"wrote {args.out}")
 
 
