@@ -3,6 +3,8 @@
     .venv/bin/python bench/phantom_tasks.py                      # full: 10 cases, all tasks and methods
     .venv/bin/python bench/phantom_tasks.py --cases 2 --dps-steps 50 --methods fast:steps=30,classical
     .venv/bin/python bench/phantom_tasks.py --tune               # small grid on 3 tuning cases
+    .venv/bin/python bench/phantom_tasks.py --model phantom-flow-64 --tuned bench/results/phantom-64-tune.json
+                                                                 # another phantom prior, same tasks
 
 Cases: held-out phantoms (``bench.common.HELD_OUT_SEED``, never the training seed 0), noise
 ``sigma = 0.02`` (physical units, images in [0, 1]). Tasks:
@@ -33,6 +35,7 @@ Pass that file to a full run with ``--tuned`` to use the best parameters per tas
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -257,7 +260,15 @@ def build_parser():
 
 
 def main(argv=None) -> None:
-    task_bench_main(build_parser(), MODEL, main_run, tune, argv)
+    global MODEL  # --model: another phantom prior (e.g. phantom-flow-64) on the same tasks
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=MODEL)
+    MODEL = pre.parse_known_args(argv)[0].model
+    parser = build_parser()
+    parser.add_argument("--model", default=MODEL,
+                        help="checkpoint id of a 1 x 64 x 64 phantom prior [phantom-64]; --out defaults to "
+                             "bench/results/<id>.json")
+    task_bench_main(parser, MODEL, main_run, tune, argv)
 
 
 if __name__ == "__main__":

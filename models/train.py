@@ -299,6 +299,9 @@ def build_card(cfg: dict, kind: str, shape, shift, scale, meta: dict | None, tra
                 f"values in {value_range}.")
     if not channels or len(channels) != shape[0]:
         channels = ["intensity"] if shape[0] == 1 else [f"c{i}" for i in range(shape[0])]
+    if cfg.get("objective", "edm") == "flow":
+        desc += (" A flow-matching network (velocity of x_t = (1 - t) x0 + t z) served as the denoiser "
+                 "D(x, sigma) through x0 = x_t - t v, sigma = t / (1 - t).")
     card = {
         "id": cfg["id"],
         "kind": "pde" if pde else "image",

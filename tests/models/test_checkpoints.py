@@ -81,7 +81,7 @@ def test_every_checkpoint_loads_with_a_complete_card(models):
         assert len(card["channels"]) == c
         norm = card["normalization"]
         assert len(norm["shift"]) == c and len(norm["scale"]) == c and min(norm["scale"]) > 0
-        assert card["parameterization"]["kind"] == "edm"
+        assert card["parameterization"]["kind"] in ("edm", "flow")
         for meth in card.get("methods") or []:  # recommended methods must be valid
             METHODS[meth["name"]].make_config({k: v for k, v in meth.items() if k != "name"})
         if card["kind"] == "pde":
