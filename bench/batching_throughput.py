@@ -38,9 +38,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,55 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.http_overhead import (HELD_OUT_SEED, MASK_SEED, RESULTS, Server, environment,  # noqa: E402
-                                 snapshot_checkpoints, write_json)
+from bench.common import (RESULTS, Server, atomic_write_json, environment, make_jobs,  # noqa: E402
+                          run_concurrent, snapshot_checkpoints)
 from service.client import Client  # noqa: E402
-
-
-def make_jobs(model_id: str, n: int) -> list[dict]:
-    """``n`` inpainting jobs: different truths, masks (20 % .. 50 % observed) and seeds."""
-    if model_id.startswith("phantom"):
-        from models.data import phantoms
-        xs = phantoms(n, 64, HELD_OUT_SEED).astype(np.float32)
-    elif model_id == "grf-32":
-        from models.grf import GRFDenoiser
-        g = torch.Generator().manual_seed(HELD_OUT_SEED)
-        xs = GRFDenoiser(32).sample_prior(n, generator=g).numpy().astype(np.float32)
-    else:
-        raise SystemExit(f"no cases for {model_id}; use phantom-64 or grf-32")
-    jobs = []
-    for j, x in enumerate(xs):
-        density = 0.2 + 0.3 * j / max(1, n - 1)
-        mask = np.random.default_rng(MASK_SEED + j).random(x.shape[-2:]) < density
-        jobs.append({"x": x, "mask": mask, "y": (x * mask).astype(np.float32), "seed": 100 + j})
-    return jobs
-
-
-def run_concurrent(url: str, model_id: str, jobs: list[dict], method: dict) -> dict:
-    n = len(jobs)
-    clients = [Client(url, timeout=900) for _ in range(n)]
-    barrier = threading.Barrier(n)
-
-    def one(j):
-        c, job = clients[j], jobs[j]
-        barrier.wait()
-        t0 = time.perf_counter()
-        jid = c.submit(model_id, {"kind": "inpainting", "mask": job["mask"]}, job["y"], method=method,
-                       seed=job["seed"], return_=("mean",))
-        st = c.wait(jid, timeout=900)
-        if st["status"] != "succeeded":
-            raise RuntimeError(f"job {j} {st['status']}: {st.get('error')}")
-        r = c.result(jid)
-        return t0, time.perf_counter(), r, st
-
-    try:
-        with ThreadPoolExecutor(n) as pool:
-            outs = list(pool.map(one, range(n)))
-    finally:
-        for c in clients:
-            c.close()
-    wall = max(o[1] for o in outs) - min(o[0] for o in outs)
-    return {"wall_s": wall, "results": [o[2] for o in outs], "statuses": [o[3] for o in outs]}
 
 
 def run_sequential(url: str, model_id: str, jobs: list[dict], method: dict) -> dict:
@@ -234,11 +186,11 @@ def main(argv=None) -> int:
                                "wide": (f"RECONSERVE_BATCH_WINDOW_MS={args.wide_window_ms:g}"
                                         if args.wide_window_ms > 0 else None),
                                "unbatched": None if args.no_unbatched_server else "RECONSERVE_MAX_BATCH=1"},
-           "environment": environment(args.threads),
+           "environment": environment(args.threads, loadavg=True),
            "note": "the machine is shared with two training processes: compare ratios, not absolute times; "
                    "nfe is the number of (batched) network calls the job's batch made",
            "results": report}
-    write_json(Path(args.out), out)
+    atomic_write_json(Path(args.out), out)
     print(f"wrote {os.path.relpath(args.out, ROOT)}")
     return 0
 

@@ -23,8 +23,14 @@ import json
 import math
 import os
 import platform
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +60,17 @@ def load_model(model_id: str, device: str = "cpu"):
     return load_checkpoint(CHECKPOINTS / model_id, device)
 
 
-def weights_digest(model_id: str) -> str:
-    """First 16 hex digits of the weights' sha256: ties a result to the exact export it used."""
-    h = hashlib.sha256((CHECKPOINTS / model_id / WEIGHTS).read_bytes())
+def weights_digest(model_id: str, folder: Path | None = None) -> str:
+    """First 16 hex digits of the weights' sha256: ties a result to the exact export it used
+    (``checkpoints/<model_id>``, or the checkpoint ``folder`` when given)."""
+    h = hashlib.sha256((Path(folder or CHECKPOINTS / model_id) / WEIGHTS).read_bytes())
     return h.hexdigest()[:16]
 
 
-def model_info(model) -> dict:
+def model_info(model, folder: Path | None = None) -> dict:
     tr = model.card.get("training") or {}
     return {"id": model.id, "training_steps": tr.get("steps"), "training_updated": tr.get("updated"),
-            "final_loss": tr.get("final_loss"), "weights_sha256_16": weights_digest(model.id)}
+            "final_loss": tr.get("final_loss"), "weights_sha256_16": weights_digest(model.id, folder)}
 
 
 def held_out_phantoms(num: int, seed: int = HELD_OUT_SEED, n: int = 64) -> np.ndarray:
@@ -78,6 +85,22 @@ def held_out_darcy(num: int, seed: int = HELD_OUT_SEED, n: int = 64) -> np.ndarr
     from models.data import darcy_pairs
 
     return darcy_pairs(num, n, seed, dtype=np.float64)
+
+
+def held_out_pde(kind: str, num: int, a_scale: float, seed: int = HELD_OUT_SEED, n: int = 64) -> np.ndarray:
+    """``[num, 2, n, n]`` float64 Poisson/Helmholtz pairs (a, u) with the *training* set's source
+    scale: ``a = g * a_scale`` (``a_scale`` from the card's ``pde`` block), ``u`` the exact
+    discrete solution. ``models.data.pde_pairs`` would scale ``g`` to unit std over these few
+    cases instead (a few % off the training scale); the GRF draws are the same (same seed, same
+    order), only the factor differs."""
+    from models.data import grf_coefficient
+    from operators.pde import solve_helmholtz, solve_poisson
+
+    if kind not in ("poisson", "helmholtz"):
+        raise ValueError(f"held_out_pde: kind must be poisson or helmholtz, got {kind!r}")
+    solve = solve_poisson if kind == "poisson" else solve_helmholtz
+    a = grf_coefficient(n, np.random.default_rng(seed), num=num) * float(a_scale)
+    return np.stack([np.stack([ai, solve(ai)]) for ai in a])
 
 
 def check_held_out(x: np.ndarray, model_id: str) -> str:
@@ -109,6 +132,14 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
         except json.JSONDecodeError:
             params[k] = v
     return spec, name, params
+
+
+def split_name(name: str) -> tuple[str, bool]:
+    """``"fast+pde"`` -> ``("fast", True)``; diffusion_pde always carries the PDE term."""
+    base, _, flag = name.partition("+")
+    if flag not in ("", "pde"):
+        raise ValueError(f"unknown method suffix in {name!r}; use name or name+pde")
+    return base, bool(flag) or base == "diffusion_pde"
 
 
 def run_batched(model, operator, y, *, method: str, params: dict | None = None, noise_sigma: float = 0.0,
@@ -149,15 +180,64 @@ def run_samples(model, operator, y, k: int, *, seed0: int = 0, **kwargs) -> dict
     return r
 
 
+def run_task_method(model, op, y, name: str, params: dict, pde, *, metrics, baseline, label: str = "",
+                    noise: float = 0.0, verbose: bool = True, completion: str = "auto") -> dict:
+    """Score one method of a PDE task bench (``darcy_tasks.py``, ``pde_tasks.py``) on a batch.
+
+    ``name``: ``classical`` (``baseline()`` gives ``(x [B, C, n, n], description)``) or a method
+    ``name[+pde]`` (``split_name``) run with ``params`` (``samples=K``: the mean of K samples per
+    case). Samples get the service's physics completion (``completion``; see
+    ``guidance.solve.complete_with_physics``), so the figures are what a request returns; where
+    it applied, ``u_rel_sampled``/``pde_res_sampled`` score the samples before it.
+    ``metrics(x) -> {key: [per case]}`` scores physical fields; the entry holds those lists and
+    their ``<key>_mean``. ``label`` prefixes the progress lines.
+    """
+    from guidance.solve import complete_with_physics
+
+    shape = tuple(model.card["shape"])
+    if name == "classical":
+        t0 = time.perf_counter()
+        x, info = baseline()
+        e = {"method": "classical", "baseline": info, "nfe": 0, "seconds": time.perf_counter() - t0,
+             "diverged": False}
+    else:
+        base, with_pde = split_name(name)
+        params = dict(params)
+        k = int(params.pop("samples", 1))  # k > 1: score the mean of k samples (a request's mean)
+        cb = progress_printer(f"{label} {name}") if verbose else None
+        r = run_samples(model, op, y, k, method=base, params=params, noise_sigma=noise,
+                        pde=pde if with_pde else None, callback=cb)
+        e = {"method": base, "pde_term": with_pde, "params": r["config"], "nfe": r["nfe"],
+             "seconds": r["seconds"], "diverged": r["diverged"], **({"samples": k} if k > 1 else {})}
+        x, done = complete_with_physics(torch.as_tensor(r["x"].reshape((-1,) + shape)), op, pde, completion,
+                                        (model.card.get("pde") or {}).get("a_levels"))
+        e["completed"] = done
+        x = x.numpy().reshape(r["x"].shape).mean(0)
+        if done:  # the sampled u, before the solve replaced it
+            raw = metrics(r["x"].mean(0))
+            e.update({"u_rel_sampled": raw["u_rel"], "pde_res_sampled": raw["pde_res"],
+                      "u_rel_sampled_mean": finite_mean(raw["u_rel"]),
+                      "pde_res_sampled_mean": finite_mean(raw["pde_res"])})
+    m = metrics(x)
+    e.update(m)
+    e.update({f"{key}_mean": finite_mean(v) for key, v in m.items()})
+    return e
+
+
 def add_noise(y: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     return y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- results files
-def environment(threads: int) -> dict:
-    return {"torch": torch.__version__, "threads": threads, "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+def environment(threads: int, loadavg: bool = False) -> dict:
+    """What a result was measured on; ``loadavg``: with the 1-minute load average (the service
+    benches, whose times depend on what else runs)."""
+    env = {"torch": torch.__version__, "threads": threads, "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    if loadavg:
+        env["loadavg_1m"] = os.getloadavg()[0]
+    return env
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -226,6 +306,20 @@ def fmt(v, spec: str = ".2f") -> str:
 
 
 # ----------------------------------------------------------------------------- model cards
+def validation_summary(data: dict, keys) -> dict:
+    """The card's ``validation`` block from a task bench's results file: per task and method the
+    ``<key>_mean`` values of ``keys`` (named without ``_mean``, 4 decimals), nfe and samples."""
+    return {"benchmark": data["benchmark"], "updated": data["updated"], "cases": data["cases"],
+            "observed_nodes": data["observed_nodes"], "training_steps": data["model"]["training_steps"],
+            "weights_sha256_16": data["model"]["weights_sha256_16"],
+            "tasks": {t: {"headline": d.get("headline"),
+                          "methods": {lab: {**{k[:-5]: (round(e[k], 4) if e.get(k) is not None else None)
+                                               for k in keys},
+                                            "nfe": e["nfe"], **({"samples": e["samples"]} if "samples" in e else {})}
+                                      for lab, e in d.get("methods", {}).items()}}
+                      for t, d in data["tasks"].items()}}
+
+
 def update_card(model_id: str, methods=None, validation=None, root: Path | None = None) -> dict:
     """Set the ``methods`` and/or ``validation`` keys of ``checkpoints/<id>/card.json``.
 
@@ -315,3 +409,134 @@ def progress_printer(label: str, every: float = 0.1):
             print(f"    {label}: step {ev['i'] + 1}/{ev['total']}  {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr, flush=True)
     return cb
+
+
+# ----------------------------------------------------------------------------- the service benches
+# http_overhead.py, batching_throughput.py, ray_throughput.py (and load_test.py's free_port).
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (free when asked; the server binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def snapshot_checkpoints(model_ids, dest: Path) -> dict:
+    """Copy ``checkpoints/<id>/{card.json,weights}`` into ``dest/<id>``; returns id -> sha256[:16].
+
+    A running training may re-export ``checkpoints/<id>`` at any time: a server started on the
+    snapshot and this process then use the same weights. Ids without weights (the built-in
+    grf-32) are skipped."""
+    out = {}
+    for mid in model_ids:
+        src = CHECKPOINTS / mid
+        if not (src / WEIGHTS).exists():
+            continue
+        (dest / mid).mkdir(parents=True, exist_ok=True)
+        data = (src / WEIGHTS).read_bytes()  # the trainer replaces the file atomically
+        (dest / mid / WEIGHTS).write_bytes(data)
+        shutil.copyfile(src / CARD, dest / mid / CARD)
+        out[mid] = hashlib.sha256(data).hexdigest()[:16]
+    return out
+
+
+class Server:
+    """``reconserve serve`` as a subprocess on a free localhost port; ``with Server(...) as s:``.
+
+    ``RECONSERVE_TORCH_THREADS`` is ``threads``; ``models_dir`` (``--models``) adds or overrides
+    models (e.g. a ``snapshot_checkpoints`` folder); ``env`` more environment; ``cmd`` may be
+    extended before entering (``--ray ...``). Entering waits for ``/readyz`` (``startup_s``)."""
+
+    def __init__(self, threads: int, models_dir: Path | None = None, env: dict | None = None,
+                 log_path: Path | None = None, ready_timeout: float = 300.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).parent / "reconserve"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+        cmd += ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if models_dir is not None:
+            cmd += ["--models", str(models_dir)]
+        self.env = {**os.environ, "RECONSERVE_TORCH_THREADS": str(threads), **(env or {})}
+        self.cmd, self.threads, self.ready_timeout = cmd, threads, ready_timeout
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="reconserve-bench-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        from service.client import Client
+
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        t0, end = time.monotonic(), time.monotonic() + self.ready_timeout
+        with Client(self.url, timeout=10) as c:
+            while not c.ready():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited ({self.proc.returncode}):\n"
+                                       + self.log_path.read_text()[-3000:])
+                if time.monotonic() > end:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"server not ready within {self.ready_timeout:g} s")
+                time.sleep(0.25)
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def make_jobs(model_id: str, n: int) -> list[dict]:
+    """``n`` inpainting jobs: different truths (held-out phantoms for phantom-64, prior draws for
+    grf-32), masks (20 % .. 50 % observed) and seeds."""
+    if model_id.startswith("phantom"):
+        from models.data import phantoms
+        xs = phantoms(n, 64, HELD_OUT_SEED).astype(np.float32)
+    elif model_id == "grf-32":
+        from models.grf import GRFDenoiser
+        g = torch.Generator().manual_seed(HELD_OUT_SEED)
+        xs = GRFDenoiser(32).sample_prior(n, generator=g).numpy().astype(np.float32)
+    else:
+        raise SystemExit(f"no cases for {model_id}; use phantom-64 or grf-32")
+    jobs = []
+    for j, x in enumerate(xs):
+        density = 0.2 + 0.3 * j / max(1, n - 1)
+        mask = np.random.default_rng(OBS_SEED + j).random(x.shape[-2:]) < density
+        jobs.append({"x": x, "mask": mask, "y": (x * mask).astype(np.float32), "seed": 100 + j})
+    return jobs
+
+
+def run_concurrent(url: str, model_id: str, jobs: list[dict], method: dict) -> dict:
+    """Submit ``jobs`` (``make_jobs``) at once from one thread and ``Client`` each (a barrier),
+    wait for each and fetch its mean: ``{"wall_s": first submit to last result, "results",
+    "statuses"}``."""
+    from service.client import Client
+
+    n = len(jobs)
+    clients = [Client(url, timeout=900) for _ in range(n)]
+    barrier = threading.Barrier(n)
+
+    def one(j):
+        c, job = clients[j], jobs[j]
+        barrier.wait()
+        t0 = time.perf_counter()
+        jid = c.submit(model_id, {"kind": "inpainting", "mask": job["mask"]}, job["y"], method=method,
+                       seed=job["seed"], return_=("mean",))
+        st = c.wait(jid, timeout=900)
+        if st["status"] != "succeeded":
+            raise RuntimeError(f"job {j} {st['status']}: {st.get('error')}")
+        r = c.result(jid)
+        return t0, time.perf_counter(), r, st
+
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            outs = list(pool.map(one, range(n)))
+    finally:
+        for c in clients:
+            c.close()
+    wall = max(o[1] for o in outs) - min(o[0] for o in outs)
+    return {"wall_s": wall, "results": [o[2] for o in outs], "statuses": [o[3] for o in outs]}

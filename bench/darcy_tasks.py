@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,10 +57,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
 from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, atomic_write_json, check_held_out,  # noqa: E402
-                          environment, finite_mean, fmt, grid_search, held_out_darcy, merge_result, model_info, parse_method,
-                          previous_tuning, progress_printer, run_samples, task_bench_main, task_bench_parser,
-                          update_card)
-from guidance.solve import complete_with_physics  # noqa: E402
+                          environment, fmt, grid_search, held_out_darcy, merge_result, model_info, parse_method,
+                          previous_tuning, run_task_method, split_name, task_bench_main, task_bench_parser,
+                          update_card, validation_summary)
 from operators.pde import solve_darcy  # noqa: E402
 from operators.spec import build_operator, build_pde  # noqa: E402
 
@@ -103,12 +101,13 @@ def observed_nodes(n: int = 64, num: int = N_OBS, seed: int = OBS_SEED) -> tuple
     return flat // n, flat % n
 
 
-def task_problem(task: str, x_true: np.ndarray, noise: float = 0.0, seed: int = OBS_SEED):
-    """``(spec, operator, y [B, 500], rows, cols)`` for ``task`` (channel a or u observed)."""
+def task_problem(task: str, x_true: np.ndarray, noise: float = 0.0, seed: int = OBS_SEED, shape=SHAPE):
+    """``(spec, operator, y [B, 500], rows, cols)`` for ``task`` (channel a or u observed) on a
+    model of ``shape`` ``(2, n, n)`` (channels a, u; pde_tasks.py shares it)."""
     ch = {"forward": 0, "inverse": 1}[task]
-    rows, cols = observed_nodes()
+    rows, cols = observed_nodes(shape[-1])
     spec = {"kind": "sparse_points", "points": np.stack([np.full_like(rows, ch), rows, cols], 1)}
-    op = build_operator(spec, SHAPE)
+    op = build_operator(spec, tuple(shape))
     y = op.forward(torch.as_tensor(x_true, dtype=torch.float64))
     if noise:
         g = torch.Generator().manual_seed(seed + 17 * (ch + 1))
@@ -161,14 +160,6 @@ def classical_baseline(task: str, y: torch.Tensor, rows, cols) -> tuple[np.ndarr
 
 
 # ----------------------------------------------------------------------------- running
-def split_name(name: str) -> tuple[str, bool]:
-    """``"fast+pde"`` -> ``("fast", True)``; diffusion_pde always carries the PDE term."""
-    base, _, flag = name.partition("+")
-    if flag not in ("", "pde"):
-        raise ValueError(f"unknown method suffix in {name!r}; use name or name+pde")
-    return base, bool(flag) or base == "diffusion_pde"
-
-
 def method_params(name: str, params: dict, task: str, tuned: dict, steps: int, dps_steps: int) -> dict:
     base, _ = split_name(name)
     start = {"steps": dps_steps if base == "dps" else steps}
@@ -177,36 +168,12 @@ def method_params(name: str, params: dict, task: str, tuned: dict, steps: int, d
 
 def run_method(model, task, op, y, x_true, rows, cols, name, params, pde, noise=0.0, verbose=True,
                completion="auto") -> dict:
-    """Score one method on a task's batch. Samples then get the service's physics completion
-    (``completion``: ``auto`` re-solves ``u`` from ``a`` in the forward task; see
-    ``guidance.solve.complete_with_physics``), so the figures are what a request returns."""
-    if name == "classical":
-        t0 = time.perf_counter()
-        x, info = classical_baseline(task, y, rows, cols)
-        e = {"method": "classical", "baseline": info, "nfe": 0, "seconds": time.perf_counter() - t0,
-             "diverged": False}
-    else:
-        base, with_pde = split_name(name)
-        params = dict(params)
-        k = int(params.pop("samples", 1))  # k > 1: score the mean of k samples (a request's mean)
-        cb = progress_printer(f"{task} {name}") if verbose else None
-        r = run_samples(model, op, y, k, method=base, params=params, noise_sigma=noise,
-                        pde=pde if with_pde else None, callback=cb)
-        e = {"method": base, "pde_term": with_pde, "params": r["config"], "nfe": r["nfe"],
-             "seconds": r["seconds"], "diverged": r["diverged"], **({"samples": k} if k > 1 else {})}
-        x, done = complete_with_physics(torch.as_tensor(r["x"].reshape((-1,) + SHAPE)), op, pde, completion,
-                                        model.card["pde"].get("a_levels"))
-        e["completed"] = done
-        x = x.numpy().reshape(r["x"].shape).mean(0)
-        if done:  # the sampled u, before the solve replaced it
-            raw = metrics(r["x"].mean(0), x_true, pde)
-            e.update({"u_rel_sampled": raw["u_rel"], "pde_res_sampled": raw["pde_res"],
-                      "u_rel_sampled_mean": finite_mean(raw["u_rel"]),
-                      "pde_res_sampled_mean": finite_mean(raw["pde_res"])})
-    m = metrics(x, x_true, pde)
-    e.update(m)
-    e.update({f"{k}_mean": finite_mean(v) for k, v in m.items()})
-    return e
+    """Score one method on a task's batch (``bench.common.run_task_method``: samples get the
+    service's physics completion, ``auto`` re-solving ``u`` from ``a`` in the forward task, so the
+    figures are what a request returns)."""
+    return run_task_method(model, op, y, name, params, pde, metrics=lambda x: metrics(x, x_true, pde),
+                           baseline=lambda: classical_baseline(task, y, rows, cols), label=task, noise=noise,
+                           verbose=verbose, completion=completion)
 
 
 def row_text(task: str, label: str, e: dict) -> str:
@@ -266,17 +233,8 @@ def main_run(args, model) -> None:
 
 
 def card_validation(data: dict) -> dict:
-    keys = ("a_err_mean", "u_rel_mean", "u_rel_sampled_mean", "u_solve_rel_mean", "pde_res_mean",
-            "pde_res_thr_mean")
-    return {"benchmark": data["benchmark"], "updated": data["updated"], "cases": data["cases"],
-            "observed_nodes": data["observed_nodes"], "training_steps": data["model"]["training_steps"],
-            "weights_sha256_16": data["model"]["weights_sha256_16"],
-            "tasks": {t: {"headline": d.get("headline"),
-                          "methods": {lab: {**{k[:-5]: (round(e[k], 4) if e.get(k) is not None else None)
-                                               for k in keys},
-                                            "nfe": e["nfe"], **({"samples": e["samples"]} if "samples" in e else {})}
-                                      for lab, e in d.get("methods", {}).items()}}
-                      for t, d in data["tasks"].items()}}
+    return validation_summary(data, ("a_err_mean", "u_rel_mean", "u_rel_sampled_mean", "u_solve_rel_mean",
+                                     "pde_res_mean", "pde_res_thr_mean"))
 
 
 def tune(args, model) -> None:

@@ -30,15 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
-import platform
 import resource
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,99 +47,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import (HELD_OUT_SEED, OBS_SEED, RESULTS, Server, atomic_write_json, environment,  # noqa: E402
+                          snapshot_checkpoints)
 from guidance.solve import solve  # noqa: E402
-from models.checkpoint import CARD, WEIGHTS, load_checkpoint, load_models  # noqa: E402
+from models.checkpoint import load_checkpoint, load_models  # noqa: E402
 from operators.spec import build_operator  # noqa: E402
 from service.client import Client  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
-HELD_OUT_SEED = 1000003  # the benchmarks' held-out seed (training used 0)
-MASK_SEED = 424242
 #: glibc malloc settings of the optional second server (variant ``http-sync+malloc``). Fixed
 #: thresholds keep freed tensor memory in the heap instead of returning it to the kernel after
 #: every step (which the service's worker thread otherwise does: tens of thousands of page
 #: faults per job, see the ``page faults`` column).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
-
-
-# ----------------------------------------------------------------------------- shared with batching_throughput.py
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def snapshot_checkpoints(model_ids, dest: Path) -> dict:
-    """Copy ``checkpoints/<id>/{card.json,weights}`` into ``dest/<id>``; returns id -> sha256[:16]."""
-    out = {}
-    for mid in model_ids:
-        src = ROOT / "checkpoints" / mid
-        if not (src / WEIGHTS).exists():
-            continue
-        (dest / mid).mkdir(parents=True, exist_ok=True)
-        data = (src / WEIGHTS).read_bytes()  # the trainer replaces the file atomically
-        (dest / mid / WEIGHTS).write_bytes(data)
-        shutil.copyfile(src / CARD, dest / mid / CARD)
-        out[mid] = hashlib.sha256(data).hexdigest()[:16]
-    return out
-
-
-class Server:
-    """``reconserve serve`` as a subprocess on a free localhost port; ``with Server(...) as s:``."""
-
-    def __init__(self, threads: int, models_dir: Path | None = None, env: dict | None = None,
-                 log_path: Path | None = None, ready_timeout: float = 300.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "reconserve"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
-        cmd += ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        if models_dir is not None:
-            cmd += ["--models", str(models_dir)]
-        self.env = {**os.environ, "RECONSERVE_TORCH_THREADS": str(threads), **(env or {})}
-        self.cmd, self.threads, self.ready_timeout = cmd, threads, ready_timeout
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="reconserve-bench-", suffix=".log")[1])
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Server":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        t0, end = time.monotonic(), time.monotonic() + self.ready_timeout
-        with Client(self.url, timeout=10) as c:
-            while not c.ready():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({self.proc.returncode}):\n"
-                                       + self.log_path.read_text()[-3000:])
-                if time.monotonic() > end:
-                    self.__exit__(None, None, None)
-                    raise RuntimeError(f"server not ready within {self.ready_timeout:g} s")
-                time.sleep(0.25)
-        self.startup_s = time.monotonic() - t0
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def environment(threads: int) -> dict:
-    return {"torch": torch.__version__, "threads": threads, "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_1m": os.getloadavg()[0]}
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def median(v):
@@ -160,7 +74,7 @@ def make_case(model_id: str, shape, density: float):
         x = phantoms(1, h, HELD_OUT_SEED)[0].astype(np.float32)
     else:
         x = np.random.default_rng(HELD_OUT_SEED).standard_normal((c, h, w)).astype(np.float32)
-    mask = np.random.default_rng(MASK_SEED).random((h, w)) < density
+    mask = np.random.default_rng(OBS_SEED).random((h, w)) < density
     y = (x * mask).astype(np.float32)
     return x, mask, y
 
@@ -335,13 +249,13 @@ def main(argv=None) -> int:
            "model": args.model, "weights_sha256_16": digests.get(args.model), "method": args.method,
            "steps": args.steps, "num_samples": 1, "operator": f"inpainting, {args.density:.0%} observed",
            "reps_kept": args.reps, "warmup_dropped": 1, "order": "rotating every repetition",
-           "environment": environment(threads),
+           "environment": environment(threads, loadavg=True),
            "malloc_server_env": None if args.no_malloc_server else MALLOC_ENV,
            "note": "the machine is shared with two training processes: compare ratios, not absolute times",
            "rows": rows, "checks": checks, "one_step_checks": small[3] if small else None,
            "identical_results": all_equal, "target_ratio": target, "worst_ratio_as_shipped": worst,
            "server_log_tail": log_tail}
-    write_json(Path(args.out), out)
+    atomic_write_json(Path(args.out), out)
     print(f"wrote {os.path.relpath(args.out, ROOT)}")
     return 0 if all_equal else 1
 

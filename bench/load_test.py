@@ -43,7 +43,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,11 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, free_port  # noqa: E402
+
 MiB = 1024 * 1024
 
 #: Server settings of the run (besides the port and the data dir).
@@ -121,12 +124,6 @@ def large_body(min_bytes: int) -> tuple[bytes, int]:
 
 
 # ----------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``service.server.serve`` in a subprocess on 127.0.0.1, output in ``log_path``."""
 

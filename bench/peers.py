@@ -287,7 +287,7 @@ def deepinv_physics(task: str, dtype=torch.float32, noise: float = NOISE):
 # ----------------------------------------------------------------------------- running
 def snapshot_model(dest: Path) -> tuple[LoadedModel, str]:
     """Copy checkpoints/phantom-64 (card and weights) into ``dest`` and load it from there."""
-    from bench.http_overhead import snapshot_checkpoints
+    from bench.common import snapshot_checkpoints
 
     digest = snapshot_checkpoints([MODEL], dest)[MODEL]
     return load_checkpoint(dest / MODEL), digest

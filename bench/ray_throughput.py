@@ -34,8 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "service"))
 
-from bench.batching_throughput import make_jobs, run_concurrent  # noqa: E402
-from bench.http_overhead import RESULTS, Server, environment, snapshot_checkpoints, write_json  # noqa: E402
+from bench.common import (RESULTS, Server, atomic_write_json, environment, make_jobs, run_concurrent,  # noqa: E402
+                          snapshot_checkpoints)
 
 
 def main(argv=None) -> int:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     counts = [int(n) for n in args.replicas.split(",")]
     method = {"name": args.method, "steps": args.steps}
     tmp = Path(tempfile.mkdtemp(prefix="reconserve-ray-bench-"))
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": environment(args.threads),
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": environment(args.threads, loadavg=True),
               "method": method, "jobs": args.jobs, "ray_cpus": args.ray_cpus, "runs": []}
     with ExitStack() as stack:
         digests = snapshot_checkpoints(model_ids, tmp / "models")
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
         report.setdefault("max_abs_diff_of_means", {})[model_id] = diff
         print(f"{model_id}: largest difference of a job's mean between {counts[0]} and {counts[-1]} replicas: {diff:.2e}")
-    write_json(Path(args.out), report)
+    atomic_write_json(Path(args.out), report)
     print(f"wrote {args.out}")
     return 0
 

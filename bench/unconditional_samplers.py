@@ -37,7 +37,6 @@ checkpoints from a snapshot (``--checkpoints DIR`` holding ``<id>/card.json`` an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from datetime import datetime, timezone
@@ -48,10 +47,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (CHECKPOINTS, HELD_OUT_SEED, RESULTS, TUNE_SEED, atomic_write_json,  # noqa: E402
-                          environment, held_out_darcy, held_out_phantoms, set_threads)
+                          environment, held_out_darcy, held_out_phantoms, set_threads, weights_digest)
 from bench.sample_grid import darcy_stats  # noqa: E402
 from guidance.unconditional import SOLVERS, sample_unconditional, steps_for_nfe  # noqa: E402
-from models.checkpoint import WEIGHTS, builtin_models, load_checkpoint  # noqa: E402
+from models.checkpoint import builtin_models, load_checkpoint  # noqa: E402
 from models.denoiser import CountingDenoiser  # noqa: E402
 from models.schedules import get_sigmas  # noqa: E402
 
@@ -66,9 +65,8 @@ def load(model_id: str, checkpoints: Path):
     folder = checkpoints / model_id
     model = load_checkpoint(folder)
     tr = model.card.get("training") or {}
-    digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:16]
     return model, {"id": model_id, "training_steps": tr.get("steps"), "training_updated": tr.get("updated"),
-                   "weights_sha256_16": digest, "folder": str(folder)}
+                   "weights_sha256_16": weights_digest(model_id, folder), "folder": str(folder)}
 
 
 def run_solver(model, solver: str, budget: int, num: int, seed: int) -> dict:

@@ -1,0 +1,109 @@
+"""bench/pde_tasks.py: its smoke mode runs end to end (the trained poisson-64 where it is present,
+else a tiny random-weight checkpoint built here), and its ground truth and classical routes are
+exact where they must be: the exact solve from the exact ``a`` is the held-out ``u``, and the
+discrete operator applied to the exact ``u`` gives back ``a``."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench import pde_tasks  # noqa: E402
+from bench.common import CHECKPOINTS  # noqa: E402
+from models.checkpoint import CARD, build_network, save_checkpoint  # noqa: E402
+
+N = 64
+A_SCALE = 76742.78870865691  # the training set's factor (runs/poisson-64/data_meta.json); any value works
+
+
+def tiny_checkpoint(folder: Path, kind: str = "poisson") -> Path:
+    """A random-weight 2 x 64 x 64 Poisson/Helmholtz prior (the smallest U-Net) with a real card's pde block."""
+    arch = {"name": "unet", "args": {"in_channels": 2, "out_channels": 2, "base": 8, "channel_mult": [1],
+                                     "blocks_per_level": 1, "attention": False}}
+    pde = {"kind": kind, "grid": {"n": N, "h": 1.0 / (N - 1), "domain": [0, 1]}, "bc": "u=0 on boundary nodes",
+           "equation": "laplace(u) = a" if kind == "poisson" else "laplace(u) + k^2 u = a", "a_scale": A_SCALE}
+    if kind == "helmholtz":
+        pde["k"] = 1.0
+    card = {"id": folder.name, "kind": "pde", "shape": [2, N, N], "channels": ["a", "u"], "architecture": arch,
+            "parameterization": {"kind": "edm", "sigma_data": 0.5}, "sigma_min": 0.002, "sigma_max": 80.0,
+            "normalization": {"shift": [0.0, 0.0], "scale": [2.0, 0.032]}, "pde": pde,
+            "training": {"steps": 0, "data_seed": 0}}
+    torch.manual_seed(0)
+    return save_checkpoint(folder, build_network(arch), card)
+
+
+@pytest.fixture(scope="module")
+def poisson_checkpoint(tmp_path_factory) -> Path:
+    real = CHECKPOINTS / "poisson-64"
+    if (real / CARD).is_file() and (real / "weights.safetensors").is_file():
+        return real
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "poisson-tiny")
+
+
+def test_smoke_runs_and_gives_finite_numbers(poisson_checkpoint, tmp_path):
+    out = tmp_path / "tasks.json"
+    data = pde_tasks.main(["--model", str(poisson_checkpoint), "--smoke", "--threads", "1", "--quiet",
+                           "--out", str(out)])
+    assert data["cases"] == 2 and data["smoke"] and data["ground_truth_pde_res"] < 1e-10
+    saved = json.loads(out.read_text())
+    assert set(saved["tasks"]) == {"forward", "inverse"}
+    for task, d in saved["tasks"].items():
+        assert set(d["methods"]) == set(pde_tasks.DEFAULT_METHODS.split(","))
+        for label, e in d["methods"].items():
+            assert not e["diverged"], (task, label)
+            for k in pde_tasks.METRIC_KEYS:
+                assert len(e[k]) == 2 and all(math.isfinite(v) for v in e[k]), (task, label, k, e[k])
+            if label != "classical":
+                assert e["nfe"] == {"diffusion_pde": 5, "dps": 6}.get(e["method"], 3), (label, e["nfe"])
+        # forward: samples are completed by the exact solve, so the returned pair has no residual
+        fwd = saved["tasks"]["forward"]["methods"]
+        assert fwd["fast"]["completed"] and max(fwd["fast"]["pde_res"]) < 1e-9
+        assert fwd["fast"]["u_rel"] == pytest.approx(fwd["fast"]["u_solve_rel"], rel=1e-9)
+
+
+def test_card_validation_written(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "helmholtz-tiny", "helmholtz")
+    out = tmp_path / "tasks.json"
+    pde_tasks.main(["--model", str(folder), "--smoke", "--threads", "1", "--quiet", "--out", str(out),
+                    "--methods", "fast,classical", "--update-card"])
+    card = json.loads((folder / CARD).read_text())
+    v = card["validation"]
+    assert v["benchmark"] == "bench/pde_tasks.py" and v["cases"] == 2 and v["observed_nodes"] == 500
+    assert v["tasks"]["forward"]["headline"] == "u_rel" and v["tasks"]["inverse"]["headline"] == "a_rel"
+    assert set(v["tasks"]["inverse"]["methods"]) == {"fast", "classical"}
+    assert card["pde"]["kind"] == "helmholtz" and card["architecture"]["args"]["base"] == 8  # the rest kept
+
+
+@pytest.mark.parametrize("kind", ["poisson", "helmholtz"])
+def test_truth_and_classical_routes_are_exact_with_every_node(kind, tmp_path):
+    model, _ = pde_tasks.resolve_model(str(tiny_checkpoint(tmp_path / f"{kind}-tiny", kind)))
+    pde = pde_tasks.model_pde(model)
+    x = pde_tasks.held_out(model, 1)
+    a, u = x[:, 0], x[:, 1]
+    # the training scale: a = g * a_scale, the GRF's std is about 1/a_scale, so a's is about 1
+    assert 0.3 < a.std() < 3.0 and np.allclose(a.mean(axis=(1, 2)), 0, atol=1e-12)
+    # the held-out u is the exact discrete solution: residual at round-off
+    assert float(pde.relative_residual(torch.as_tensor(x)).max()) < 1e-10
+    # the discrete operator applied to the exact u gives the exact a (interior nodes)
+    a_rec = pde_tasks.source_of(u[0], pde)
+    err = np.abs(a_rec[1:-1, 1:-1] - a[0, 1:-1, 1:-1]).max() / np.abs(a[0]).max()
+    assert err < 1e-10, err
+    # classical routes with every node observed: forward reproduces u to solver precision,
+    # inverse reproduces a (interior) from the exact u
+    rows, cols = (g.ravel() for g in np.meshgrid(np.arange(N), np.arange(N), indexing="ij"))
+    fwd, _ = pde_tasks.classical_baseline("forward", torch.as_tensor(a[:, rows, cols]), rows, cols, pde)
+    inv, _ = pde_tasks.classical_baseline("inverse", torch.as_tensor(u[:, rows, cols]), rows, cols, pde)
+    m_fwd = pde_tasks.metrics(fwd, x, pde)
+    m_inv = pde_tasks.metrics(inv, x, pde)
+    assert max(m_fwd["u_rel"]) < 1e-10 and max(m_fwd["a_rel"]) < 1e-12 and max(m_fwd["pde_res"]) < 1e-10
+    assert max(m_inv["a_rel_int"]) < 1e-10 and max(m_inv["u_rel"]) < 1e-12 and max(m_inv["u_solve_rel"]) < 1e-10
+    # ... and with the 500 observed nodes they are not exact (the task is not trivial)
+    _, op, y, r5, c5 = pde_tasks.task_problem("forward", x, shape=(2, N, N))
+    sparse, _ = pde_tasks.classical_baseline("forward", y, r5, c5, pde)
+    assert min(pde_tasks.metrics(sparse, x, pde)["u_rel"]) > 1e-3
