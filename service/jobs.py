@@ -763,7 +763,10 @@ class JobManager(JobsBase):
             return
         started = now_iso()
         for job in live:
-            self._store("update", job.id, status="running", started_at=started, step=0)
+            # never over a "cancelling" written meanwhile (a cancel between the claim and the start):
+            # the row keeps it, and the lease loop or the cancel itself stops the job
+            self._store("update", job.id, status="running", started_at=started, step=0,
+                        only_from=("queued", "running"))
             with job.lock:
                 job.status, job.started_at, job.step = "running", started, 0
                 job.started_mono = time.monotonic()

@@ -216,15 +216,18 @@ class JobStore:
             shutil.rmtree(d, ignore_errors=True)
             raise
 
-    def update(self, job_id: str, owner: str | None = None, **values) -> bool:
-        """Change a job's row; with ``owner``, only while that owner holds the job. Returns
-        whether the row changed."""
+    def update(self, job_id: str, owner: str | None = None, only_from: tuple[str, ...] | None = None,
+               **values) -> bool:
+        """Change a job's row; with ``owner``, only while that owner holds the job; with
+        ``only_from``, only while its status is one of those. Returns whether the row changed."""
         for k in ("error", "result"):
             if k in values:
                 values[k] = _dumps(values[k])
         where = jobs_table.c.id == job_id
         if owner is not None:
             where = where & (jobs_table.c.owner == owner)
+        if only_from is not None:
+            where = where & jobs_table.c.status.in_(only_from)
         with self.engine.begin() as c:
             return c.execute(jobs_table.update().where(where).values(**values)).rowcount > 0
 
