@@ -397,6 +397,108 @@ def grid_search(grid: dict, evaluate, maximize: bool) -> tuple[dict | None, list
     return (pick(scored, key=lambda t: t[0])[1] if scored else None), records
 
 
+@dataclasses.dataclass
+class PdeTasks:
+    """What a PDE task bench (``darcy_tasks.py``, ``pde_tasks.py``) plugs into the shared run and
+    tune loops, for one set of cases: ``problem(task) -> (op, y, rows, cols)``;
+    ``run(task, problem, name, params) -> metrics`` (params as resolved by ``params``);
+    ``params(task, name, given, tuned) -> params`` (``{}`` for ``classical``); the table's
+    ``row_text(task, label, metrics)`` and ``head``; the headline metric per task; and the
+    metrics that must be finite for a tuning run to score (besides ``u_rel < 1``)."""
+    problem: object
+    run: object
+    params: object
+    row_text: object
+    head: str
+    headline: dict
+    sane_keys: tuple
+
+
+def pde_tasks_on(model, x_true: np.ndarray, pde, args, *, task_problem, run_method, defaults: dict, row_text,
+                 head: str, headline: dict, sane_keys: tuple) -> PdeTasks:
+    """A PDE task bench's ``PdeTasks`` for the cases ``x_true``, from its module's pieces:
+    ``task_problem(task, x_true, noise, shape=...)`` and ``run_method`` as in ``darcy_tasks.py``."""
+    def run(task, prob, name, params):
+        op, y, rows, cols = prob
+        return run_method(model, task, op, y, x_true, rows, cols, name, params, pde, args.noise,
+                          verbose=not args.quiet and not args.tune, completion=args.completion)
+
+    shape = tuple(model.card["shape"])
+    return PdeTasks(problem=lambda task: task_problem(task, x_true, args.noise, shape=shape)[1:], run=run,
+                    params=lambda task, name, given, tuned: method_params(defaults, name, given, task, tuned,
+                                                                          args.steps, args.dps_steps),
+                    row_text=row_text, head=head, headline=headline, sane_keys=sane_keys)
+
+
+def method_params(defaults: dict, name: str, params: dict, task: str, tuned: dict, steps: int,
+                  dps_steps: int) -> dict:
+    """A method's parameters for ``task``: the step count (``dps_steps`` for DPS), then the bench's
+    ``defaults``, the ``--tuned`` best, and those given in ``--methods``, each overriding the last."""
+    if name == "classical":
+        return {}
+    base, _ = split_name(name)
+    start = {"steps": dps_steps if base == "dps" else steps}
+    return {**start, **defaults[task].get(name, {}), **(tuned.get(task, {}).get(name) or {}), **params}
+
+
+def run_pde_tasks(args, bench: PdeTasks, header: dict, tuned: dict, training_steps: int) -> tuple[list, dict]:
+    """The validation loop of the PDE task benches: every ``--methods`` entry on every ``--tasks``
+    task, merged into ``args.out`` (unless '') as it finishes. Returns the table rows and the results."""
+    rows_out, data = [], {**header, "tasks": {}}
+    for task in args.tasks.split(","):
+        prob = bench.problem(task)
+        task_info = {"observed": "a" if task == "forward" else "u", "headline": bench.headline[task],
+                     "points_seed": OBS_SEED}
+        data["tasks"][task] = {**task_info, "methods": {}}
+        for spec_str in args.methods.split(","):
+            label, name, params = parse_method(spec_str)
+            e = bench.run(task, prob, name, bench.params(task, name, params, tuned))
+            e["model_training_steps"] = training_steps
+            rows_out.append((task, label, e))
+            data["tasks"][task]["methods"][label] = e
+            print("  " + bench.row_text(task, label, e), file=sys.stderr, flush=True)
+            if args.out:
+                merge_result(Path(args.out), header, task, task_info, label, e)
+    return rows_out, data
+
+
+def tune_pde_tasks(args, bench: PdeTasks, out: dict, grids: dict) -> dict:
+    """``--tune`` of the PDE task benches: per task the classical route, then a grid search per
+    ``--tune-methods`` entry over ``grids[task][name]`` minimizing the task's headline metric (a run
+    whose ``u`` blew up scores nothing); ``out``'s ``results`` and ``best`` are updated and written
+    to ``args.tune_out`` (unless '') after each method."""
+    for task in args.tasks.split(","):
+        prob, key = bench.problem(task), bench.headline[task]
+        res, best = out["results"].setdefault(task, {}), out["best"].setdefault(task, {})
+        print(f"\n{task} (objective {key})\n{bench.head}")
+        print(bench.row_text(task, "classical", bench.run(task, prob, "classical", {})))
+
+        def evaluate(name, params, task=task, prob=prob, key=key):
+            e = bench.run(task, prob, name, bench.params(task, name, params, {}))
+            print(bench.row_text(task, f"{name}:{json.dumps(params, separators=(',', ':'))}", e), flush=True)
+            sane = all(e[f"{k}_mean"] is not None for k in bench.sane_keys) and e["u_rel_mean"] < 1
+            return ((e[f"{key}_mean"] if sane else None),
+                    {**{k: e[k] for k in e if k.endswith("_mean")}, "nfe": e["nfe"], "seconds": e["seconds"]})
+
+        for name in args.tune_methods.split(","):
+            if name not in grids[task]:
+                raise SystemExit(f"no tuning grid for {name!r} in task {task!r}; give one with --grid")
+            tune_method(res, best, name, grids[task][name], lambda p, name=name: evaluate(name, p), maximize=False)
+            if args.tune_out:
+                atomic_write_json(Path(args.tune_out), out)
+    print(json.dumps(out["best"], indent=1))
+    return out
+
+
+def tune_method(results: dict, best: dict, name: str, grid: dict, evaluate, maximize: bool) -> None:
+    """``grid_search`` one method: its records into ``results[name]``, its best parameters (if any
+    scored) into ``best[name]``."""
+    chosen, results[name] = grid_search(grid, evaluate, maximize)
+    if chosen is not None:
+        best[name] = chosen
+        print(f"  best {name}: {chosen}")
+
+
 def progress_printer(label: str, every: float = 0.1):
     """A sampler callback printing ``label: step i/n  seconds`` to stderr every ``every`` of the run."""
     t0 = time.perf_counter()

@@ -56,9 +56,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, atomic_write_json, check_held_out,  # noqa: E402
-                          environment, fmt, grid_search, held_out_darcy, merge_result, model_info, parse_method,
-                          previous_tuning, run_task_method, split_name, task_bench_main, task_bench_parser,
+from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, PdeTasks, check_held_out,  # noqa: E402
+                          environment, fmt, held_out_darcy, pde_tasks_on, model_info, previous_tuning,
+                          run_pde_tasks, run_task_method, task_bench_main, task_bench_parser, tune_pde_tasks,
                           update_card, validation_summary)
 from operators.pde import solve_darcy  # noqa: E402
 from operators.spec import build_operator, build_pde  # noqa: E402
@@ -160,12 +160,6 @@ def classical_baseline(task: str, y: torch.Tensor, rows, cols) -> tuple[np.ndarr
 
 
 # ----------------------------------------------------------------------------- running
-def method_params(name: str, params: dict, task: str, tuned: dict, steps: int, dps_steps: int) -> dict:
-    base, _ = split_name(name)
-    start = {"steps": dps_steps if base == "dps" else steps}
-    return {**start, **DEFAULTS[task].get(name, {}), **(tuned.get(task, {}).get(name) or {}), **params}
-
-
 def run_method(model, task, op, y, x_true, rows, cols, name, params, pde, noise=0.0, verbose=True,
                completion="auto") -> dict:
     """Score one method on a task's batch (``bench.common.run_task_method``: samples get the
@@ -188,6 +182,13 @@ TABLE_HEAD = (f"{'task':8s} {'method':44s} {'a_err':>7s} {'u_rel':>7s} {'u_sampl
               f"{'nfe':>5s} {'seconds':>8s}")
 
 
+def tasks_on(model, x_true: np.ndarray, pde, args) -> PdeTasks:
+    """The shared run / tune loops' view of these cases."""
+    return pde_tasks_on(model, x_true, pde, args, task_problem=task_problem, run_method=run_method,
+                        defaults=DEFAULTS, row_text=row_text, head=TABLE_HEAD, headline=HEADLINE,
+                        sane_keys=("a_err", "u_rel", "pde_res"))
+
+
 def main_run(args, model) -> None:
     tuned = json.loads(Path(args.tuned).read_text())["best"] if args.tuned else {}
     x_true = held_out_darcy(args.cases)
@@ -208,21 +209,7 @@ def main_run(args, model) -> None:
               "ground_truth_pde_res": float(pde.relative_residual(torch.as_tensor(x_true)).max())}
     print(f"{MODEL}: training steps {info['training_steps']}, weights {info['weights_sha256_16']}, "
           f"{args.cases} cases, {N_OBS} observed nodes", file=sys.stderr)
-    rows_out = []
-    for task in args.tasks.split(","):
-        spec, op, y, rows, cols = task_problem(task, x_true, args.noise)
-        task_info = {"observed": "a" if task == "forward" else "u", "headline": HEADLINE[task],
-                     "points_seed": OBS_SEED}
-        for spec_str in args.methods.split(","):
-            label, name, params = parse_method(spec_str)
-            params = method_params(name, params, task, tuned, args.steps, args.dps_steps) if name != "classical" else {}
-            e = run_method(model, task, op, y, x_true, rows, cols, name, params, pde, args.noise,
-                           verbose=not args.quiet, completion=args.completion)
-            e["model_training_steps"] = info["training_steps"]
-            rows_out.append((task, label, e))
-            print("  " + row_text(task, label, e), file=sys.stderr, flush=True)
-            if args.out:
-                merge_result(Path(args.out), header, task, task_info, label, e)
+    rows_out, _ = run_pde_tasks(args, tasks_on(model, x_true, pde, args), header, tuned, info["training_steps"])
     print("\n" + TABLE_HEAD)
     for r in rows_out:
         print(row_text(*r))
@@ -246,29 +233,7 @@ def tune(args, model) -> None:
     out = previous_tuning(args.tune_out)
     out.update({"benchmark": "bench/darcy_tasks.py --tune", "model": model_info(model), "cases": args.tune_cases,
                 "seed": TUNE_SEED, "steps": args.steps, "dps_steps": args.dps_steps, "grid": grids})
-    for task in args.tasks.split(","):
-        spec, op, y, rows, cols = task_problem(task, x_true, args.noise)
-        key = HEADLINE[task]
-        res, best = out["results"].setdefault(task, {}), out["best"].setdefault(task, {})
-        print(f"\n{task} (objective {key})\n{TABLE_HEAD}")
-        base = run_method(model, task, op, y, x_true, rows, cols, "classical", {}, pde)
-        print(row_text(task, "classical", base))
-        for name in args.tune_methods.split(","):
-            def evaluate(params, name=name):
-                full = method_params(name, params, task, {}, args.steps, args.dps_steps)
-                e = run_method(model, task, op, y, x_true, rows, cols, name, full, pde, args.noise, verbose=False)
-                print(row_text(task, f"{name}:{json.dumps(params, separators=(',', ':'))}", e), flush=True)
-                sane = all(e[f"{k}_mean"] is not None for k in ("a_err", "u_rel", "pde_res")) and e["u_rel_mean"] < 1
-                return ((e[f"{key}_mean"] if sane else None),  # a blown-up u disqualifies
-                        {**{k: e[k] for k in e if k.endswith("_mean")}, "nfe": e["nfe"], "seconds": e["seconds"]})
-
-            chosen, res[name] = grid_search(grids[task][name], evaluate, maximize=False)
-            if chosen is not None:
-                best[name] = chosen
-                print(f"  best {name}: {best[name]}")
-            if args.tune_out:
-                atomic_write_json(Path(args.tune_out), out)
-    print(json.dumps(out["best"], indent=1))
+    tune_pde_tasks(args, tasks_on(model, x_true, pde, args), out, grids)
 
 
 def build_parser():

@@ -74,10 +74,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (CHECKPOINTS, HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED,  # noqa: E402
-                          atomic_write_json, check_held_out, environment, fmt, grid_search, held_out_pde,
-                          merge_result, model_info, parse_method, previous_tuning, run_task_method, set_threads,
-                          split_name, task_bench_parser, update_card, validation_summary)
+from bench.common import (CHECKPOINTS, HELD_OUT_SEED, RESULTS, TUNE_SEED, PdeTasks,  # noqa: E402
+                          check_held_out, environment, fmt, held_out_pde, pde_tasks_on, model_info,
+                          previous_tuning, run_pde_tasks, run_task_method, set_threads, task_bench_parser,
+                          tune_pde_tasks, update_card, validation_summary)
 from bench.darcy_tasks import task_problem  # noqa: E402
 from models.checkpoint import CARD, load_checkpoint  # noqa: E402
 from operators.spec import build_pde  # noqa: E402
@@ -202,12 +202,6 @@ def metrics(x: np.ndarray, x_true: np.ndarray, pde) -> dict:
 
 
 # ----------------------------------------------------------------------------- running
-def method_params(name: str, params: dict, task: str, tuned: dict, steps: int, dps_steps: int) -> dict:
-    base, _ = split_name(name)
-    start = {"steps": dps_steps if base == "dps" else steps}
-    return {**start, **DEFAULTS[task].get(name, {}), **(tuned.get(task, {}).get(name) or {}), **params}
-
-
 def run_method(model, task, op, y, x_true, rows, cols, name, params, pde, noise=0.0, verbose=True,
                completion="auto") -> dict:
     """Score one method on a task's batch (``bench.common.run_task_method``)."""
@@ -227,6 +221,13 @@ TABLE_HEAD = (f"{'task':8s} {'method':44s} {'u_rel':>7s} {'a_rel':>7s} {'a_int':
               f"{'u_solve':>8s} {'pde_res':>8s} {'nfe':>5s} {'seconds':>8s}")
 
 
+def tasks_on(model, x_true: np.ndarray, pde, args) -> PdeTasks:
+    """The shared run / tune loops' view of these cases."""
+    return pde_tasks_on(model, x_true, pde, args, task_problem=task_problem, run_method=run_method,
+                        defaults=DEFAULTS, row_text=row_text, head=TABLE_HEAD, headline=HEADLINE,
+                        sane_keys=("u_rel", "a_rel", "pde_res"))
+
+
 def main_run(args, model, folder: Path) -> dict:
     """The validation run; returns the results (also merged into ``args.out`` unless it is '')."""
     tuned = json.loads(Path(args.tuned).read_text())["best"] if args.tuned else {}
@@ -234,7 +235,6 @@ def main_run(args, model, folder: Path) -> dict:
     print(f"held-out check: {check_held_out(x_true, model.id)}", file=sys.stderr)
     pde = model_pde(model)
     info = model_info(model, folder)
-    shape = tuple(model.card["shape"])
     header = {"benchmark": "bench/pde_tasks.py", "model": info, "pde": model.card["pde"], "cases": args.cases,
               "held_out_seed": HELD_OUT_SEED, "observed_nodes": N_OBS, "noise_sigma": args.noise,
               "tuned_from": args.tuned, "environment": environment(torch.get_num_threads()),
@@ -249,23 +249,8 @@ def main_run(args, model, folder: Path) -> dict:
               "ground_truth_pde_res": float(pde.relative_residual(torch.as_tensor(x_true)).max())}
     print(f"{model.id} ({folder}): training steps {info['training_steps']}, weights {info['weights_sha256_16']}, "
           f"{args.cases} cases, {N_OBS} observed nodes", file=sys.stderr)
-    rows_out, data = [], {**header, "tasks": {}}
-    for task in args.tasks.split(","):
-        _, op, y, rows, cols = task_problem(task, x_true, args.noise, shape=shape)
-        task_info = {"observed": "a" if task == "forward" else "u", "headline": HEADLINE[task],
-                     "points_seed": OBS_SEED}
-        data["tasks"][task] = {**task_info, "methods": {}}
-        for spec_str in args.methods.split(","):
-            label, name, params = parse_method(spec_str)
-            params = method_params(name, params, task, tuned, args.steps, args.dps_steps) if name != "classical" else {}
-            e = run_method(model, task, op, y, x_true, rows, cols, name, params, pde, args.noise,
-                           verbose=not args.quiet, completion=args.completion)
-            e["model_training_steps"] = info["training_steps"]
-            rows_out.append((task, label, e))
-            data["tasks"][task]["methods"][label] = e
-            print("  " + row_text(task, label, e), file=sys.stderr, flush=True)
-            if args.out:
-                merge_result(Path(args.out), header, task, task_info, label, e)
+    rows_out, data = run_pde_tasks(args, tasks_on(model, x_true, pde, args), header, tuned,
+                                   info["training_steps"])
     print(f"\n{model.id}\n{TABLE_HEAD}")
     for r in rows_out:
         print(row_text(*r))
@@ -292,7 +277,6 @@ def write_card_validation(data: dict, folder: Path) -> dict:
 def tune(args, model, folder: Path) -> dict:
     x_true = held_out(model, args.tune_cases, seed=TUNE_SEED)
     pde = model_pde(model)
-    shape = tuple(model.card["shape"])
     grids = {t: dict(g) for t, g in TUNE_GRID.items()}
     for t, g in (json.loads(args.grid) if args.grid else {}).items():
         grids[t].update(g)
@@ -304,33 +288,7 @@ def tune(args, model, folder: Path) -> dict:
     for task in args.tasks.split(","):  # the grid each method was last tuned on (earlier runs' kept)
         out.setdefault("grid", {}).setdefault(task, {}).update(
             {m: grids[task][m] for m in args.tune_methods.split(",") if m in grids[task]})
-    for task in args.tasks.split(","):
-        _, op, y, rows, cols = task_problem(task, x_true, args.noise, shape=shape)
-        key = HEADLINE[task]
-        res, best = out["results"].setdefault(task, {}), out["best"].setdefault(task, {})
-        print(f"\n{task} (objective {key})\n{TABLE_HEAD}")
-        base = run_method(model, task, op, y, x_true, rows, cols, "classical", {}, pde)
-        print(row_text(task, "classical", base))
-        for name in args.tune_methods.split(","):
-            if name not in grids[task]:
-                raise SystemExit(f"no tuning grid for {name!r} in task {task!r}; give one with --grid")
-
-            def evaluate(params, name=name):
-                full = method_params(name, params, task, {}, args.steps, args.dps_steps)
-                e = run_method(model, task, op, y, x_true, rows, cols, name, full, pde, args.noise, verbose=False)
-                print(row_text(task, f"{name}:{json.dumps(params, separators=(',', ':'))}", e), flush=True)
-                sane = all(e[f"{k}_mean"] is not None for k in ("u_rel", "a_rel", "pde_res")) and e["u_rel_mean"] < 1
-                return ((e[f"{key}_mean"] if sane else None),  # a blown-up u disqualifies
-                        {**{k: e[k] for k in e if k.endswith("_mean")}, "nfe": e["nfe"], "seconds": e["seconds"]})
-
-            chosen, res[name] = grid_search(grids[task][name], evaluate, maximize=False)
-            if chosen is not None:
-                best[name] = chosen
-                print(f"  best {name}: {best[name]}")
-            if args.tune_out:
-                atomic_write_json(Path(args.tune_out), out)
-    print(json.dumps(out["best"], indent=1))
-    return out
+    return tune_pde_tasks(args, tasks_on(model, x_true, pde, args), out, grids)
 
 
 def build_parser() -> argparse.ArgumentParser:

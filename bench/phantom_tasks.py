@@ -48,9 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
 from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_noise, atomic_write_json,  # noqa: E402
-                          check_held_out, environment, finite_mean, fmt, grid_search, held_out_phantoms, merge_result,
+                          check_held_out, environment, finite_mean, fmt, held_out_phantoms, merge_result,
                           model_info, parse_method, previous_tuning, progress_printer, run_samples,
-                          task_bench_main, task_bench_parser, update_card)
+                          task_bench_main, task_bench_parser, tune_method, update_card)
 from operators.imaging import gaussian_kernel  # noqa: E402
 from operators.spec import build_operator  # noqa: E402
 
@@ -245,10 +245,7 @@ def tune(args, model) -> None:
                       flush=True)
                 return m, {"psnr": m, "nfe": e["nfe"], "seconds": e["seconds"]}
 
-            chosen, res[name] = grid_search(grid, evaluate, maximize=True)
-            if chosen is not None:
-                best[name] = chosen
-                print(f"  best {name}: {best[name]}")
+            tune_method(res, best, name, grid, evaluate, maximize=True)
         if args.tune_out:
             atomic_write_json(Path(args.tune_out), out)
     print(json.dumps(out["best"], indent=1))

@@ -107,3 +107,51 @@ def test_truth_and_classical_routes_are_exact_with_every_node(kind, tmp_path):
     _, op, y, r5, c5 = pde_tasks.task_problem("forward", x, shape=(2, N, N))
     sparse, _ = pde_tasks.classical_baseline("forward", y, r5, c5, pde)
     assert min(pde_tasks.metrics(sparse, x, pde)["u_rel"]) > 1e-3
+
+
+def test_tune_smoke_picks_a_best_per_task_and_method(tmp_path):
+    """--tune (the loop shared with darcy_tasks.py, ``bench.common.tune_pde_tasks``): every task and
+    method gets its grid's records and a chosen value from that grid, written to --tune-out."""
+    folder = tiny_checkpoint(tmp_path / "poisson-tiny")
+    tune_out = tmp_path / "tune.json"
+    grid = {"forward": {"dps": {"zeta": [0.3, 1.0]}}, "inverse": {"dps": {"zeta": [30.0, 100.0]}}}
+    out = pde_tasks.main(["--model", str(folder), "--tune", "--smoke", "--threads", "1", "--tune-methods",
+                          "dps,fast", "--grid", json.dumps(grid), "--tune-out", str(tune_out)])
+    saved = json.loads(tune_out.read_text())
+    assert saved["best"] == out["best"] and saved["cases"] == 2
+    for task in ("forward", "inverse"):
+        # --smoke keeps one value per parameter: the first of the --grid override
+        assert [r["zeta"] for r in saved["results"][task]["dps"]] == grid[task]["dps"]["zeta"][:1]
+        for name, records in saved["results"][task].items():
+            # a method is chosen exactly when one of its runs scored (random weights may blow u up)
+            scored = [r for r in records if r.get("u_rel_mean") is not None and r["u_rel_mean"] < 1]
+            assert (name in saved["best"][task]) == bool(scored), (task, name, records)
+        assert saved["best"][task]  # something scored on each task (seeded: fast does)
+
+
+def test_darcy_tune_and_run_share_the_loops(tmp_path):
+    """darcy_tasks.py runs through the same loops: a tiny tune and a tiny run on darcy-64 write their files."""
+    from bench import darcy_tasks
+    if not (CHECKPOINTS / "darcy-64" / CARD).is_file():
+        pytest.skip("darcy-64 is not in checkpoints/")
+    tune_out, out = tmp_path / "tune.json", tmp_path / "run.json"
+    darcy_tasks.main(["--tune", "--tune-cases", "1", "--steps", "2", "--dps-steps", "2", "--threads", "1",
+                      "--tune-methods", "dps", "--grid", '{"forward": {"dps": {"zeta": [0.3]}}, '
+                      '"inverse": {"dps": {"zeta": [300.0]}}}', "--tune-out", str(tune_out)])
+    best = json.loads(tune_out.read_text())["best"]
+    assert best == {"forward": {"dps": {"zeta": 0.3}}, "inverse": {"dps": {"zeta": 300.0}}}
+    darcy_tasks.main(["--cases", "1", "--steps", "2", "--dps-steps", "2", "--threads", "1", "--quiet",
+                      "--methods", "dps,classical", "--tuned", str(tune_out), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    for task in ("forward", "inverse"):
+        m = saved["tasks"][task]["methods"]
+        assert set(m) == {"dps", "classical"} and m["dps"]["nfe"] == 2
+        assert m["dps"]["params"]["zeta"] == best[task]["dps"]["zeta"]  # the tuned value was used
+
+
+def test_the_task_benches_share_one_copy_of_the_loops():
+    from bench import common, darcy_tasks, phantom_tasks
+    for mod in (darcy_tasks, pde_tasks):
+        assert mod.pde_tasks_on is common.pde_tasks_on and mod.run_pde_tasks is common.run_pde_tasks
+        assert mod.tune_pde_tasks is common.tune_pde_tasks and not hasattr(mod, "method_params")
+    assert phantom_tasks.tune_method is common.tune_method
