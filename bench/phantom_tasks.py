@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_noise, atomic_write_json,  # noqa: E402
+from bench.common import (CHECKPOINTS, HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_noise, atomic_write_json,  # noqa: E402
                           check_held_out, environment, finite_mean, fmt, held_out_phantoms, merge_result,
                           model_info, parse_method, previous_tuning, progress_printer, run_samples,
                           task_bench_main, task_bench_parser, tune_method, update_card)
@@ -177,7 +177,7 @@ def main_run(args, model) -> None:
     tuned = json.loads(Path(args.tuned).read_text())["best"] if args.tuned else {}
     x_true = held_out_phantoms(args.cases)
     print(f"held-out check: {check_held_out(x_true, MODEL)}", file=sys.stderr)
-    info = model_info(model)
+    info = model_info(model, CHECKPOINTS / MODEL)  # MODEL: an id under checkpoints/ or a folder
     header = {"benchmark": "bench/phantom_tasks.py", "model": info, "cases": args.cases,
               "held_out_seed": HELD_OUT_SEED, "noise_sigma": NOISE, "tuned_from": args.tuned,
               "environment": environment(torch.get_num_threads()),
@@ -223,8 +223,8 @@ def tune(args, model) -> None:
     x_true = held_out_phantoms(args.tune_cases, seed=TUNE_SEED)
     grids = {**TUNE_GRID, **(json.loads(args.grid) if args.grid else {})}
     out = previous_tuning(args.tune_out)
-    out.update({"benchmark": "bench/phantom_tasks.py --tune", "model": model_info(model), "cases": args.tune_cases,
-                "seed": TUNE_SEED, "noise_sigma": NOISE, "grid": grids})
+    out.update({"benchmark": "bench/phantom_tasks.py --tune", "model": model_info(model, CHECKPOINTS / MODEL),
+                "cases": args.tune_cases, "seed": TUNE_SEED, "noise_sigma": NOISE, "grid": grids})
     methods = args.tune_methods.split(",")
     for task in args.tasks.split(","):
         spec, op, y = observe(task, x_true, seed_base=OBS_SEED + 7)
@@ -263,8 +263,8 @@ def main(argv=None) -> None:
     MODEL = pre.parse_known_args(argv)[0].model
     parser = build_parser()
     parser.add_argument("--model", default=MODEL,
-                        help="checkpoint id of a 1 x 64 x 64 phantom prior [phantom-64]; --out defaults to "
-                             "bench/results/<id>.json")
+                        help="id (under checkpoints/) or folder of a 1 x 64 x 64 phantom prior [phantom-64]; "
+                             "--out defaults to bench/results/<id>.json")
     task_bench_main(parser, MODEL, main_run, tune, argv)
 
 
