@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Continue training the committed priors on a lent GPU machine, in one command (at most 8 minutes):
 #
-#     bash bench/train_device.sh [--smoke] [MODEL ...]     # MODEL: darcy-64, phantom-64 [both]
+#     bash bench/train_device.sh [--smoke] [MODEL ...]     # MODEL: any checkpoint id with resume state
+#                                                           # (phantom-flow-64, poisson-64, ...) [darcy-64 phantom-64]
 #
 # With the device tool (no wheels needed: it imports only torch, numpy, scipy, safetensors):
 #     run(command="bash bench/train_device.sh", timeout_s=540)
 # then, here, with the reply's files_at folder:
 #     bash bench/train_device_fetch.sh FILES_AT          # checks, then copies into checkpoints/<id>/
-# (bench/TRAIN_DEVICE.md says more.) For each MODEL, models/train_device.py copies
+# (docs/train-on-gpu.md says more.) For each MODEL, models/train_device.py copies
 # checkpoints/MODEL/{resume,weights}.safetensors + card.json into a scratch folder, resumes
 # from them as `reconserve train --resume` does (model, EMA, Adam moments, RNG, step, saved lr,
 # warm-up, EMA half-life and step target) with batch $TRAIN_DEVICE_BATCH (256), generates the

@@ -122,3 +122,19 @@ def test_files_over_the_transfer_limit_travel_gzipped(tmp_path, monkeypatch):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "phantom-64: step None -> " in p.stdout, p.stdout + p.stderr
     assert not (tmp_path / "empty").exists()
+
+
+def test_train_device_smoke_keeps_the_flow_objective(tmp_path):
+    """Any committed prior trains on the device, the flow-matching one included: its state resumes as flow
+    (the trainer refuses to switch objectives on resume) and the returned card still says so."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    p = subprocess.run(["bash", str(ROOT / "bench" / "train_device.sh"), "--smoke", "phantom-flow-64"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())["phantom-flow-64"]
+    assert s["status"] == "trained" and s["end_step"] == s["start_step"] + 3 and s["verify"]["ok"]
+    card = json.loads((out / "phantom-flow-64" / "card.json").read_text())
+    st = _state(out / "phantom-flow-64" / "resume.safetensors")
+    assert card["parameterization"]["kind"] == "flow" and st["config"]["objective"] == "flow"
+    assert card["training"]["steps"] == st["step"] == s["end_step"]
