@@ -190,17 +190,15 @@ def g(v, spec=".3g"):
 
 def table(result: dict) -> str:
     m = result["models"]
-    cols = []  # (header, model, key, format)
-    if "grf-32" in m:
-        cols += [("grf-32 covariance error", "grf-32", "cov_err", ".3f"),
-                 ("grf-32 ODE error", "grf-32", "ode_err", ".2g")]
-    if "phantom-64" in m:
-        cols += [("phantom-64 intensity W1", "phantom-64", "w1", ".4f"),
-                 ("phantom-64 gradient W1", "phantom-64", "grad_w1", ".4f"),
-                 ("phantom-64 ODE error", "phantom-64", "ode_err", ".3f")]
-    if "darcy-64" in m:
-        cols += [("darcy-64 median PDE residual", "darcy-64", "pde_res", ".3g"),
-                 ("darcy-64 ODE error", "darcy-64", "ode_err", ".3f")]
+    cols = []  # (header, model, key, format): the columns of each model, by its kind (its id's prefix)
+    for mid in m:
+        if mid.startswith("grf"):
+            cols += [(f"{mid} covariance error", mid, "cov_err", ".3f"), (f"{mid} ODE error", mid, "ode_err", ".2g")]
+        elif mid.startswith("phantom"):
+            cols += [(f"{mid} intensity W1", mid, "w1", ".4f"), (f"{mid} gradient W1", mid, "grad_w1", ".4f"),
+                     (f"{mid} ODE error", mid, "ode_err", ".3f")]
+        elif mid.startswith("darcy"):
+            cols += [(f"{mid} median PDE residual", mid, "pde_res", ".3g"), (f"{mid} ODE error", mid, "ode_err", ".3f")]
     lines = ["| solver | network calls | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     budgets = result["nfe_budgets"]
@@ -226,7 +224,7 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="grf-32,phantom-64,darcy-64")
+    p.add_argument("--models", default="grf-32,phantom-64,phantom-flow-64,darcy-64")
     p.add_argument("--solvers", default="euler,heun,dpmpp_2m", help=f"from {list(SOLVERS)}")
     p.add_argument("--nfe", default="10,20,50", help="network-call budgets")
     p.add_argument("--num", type=int, default=16, help="samples per setting")
