@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.schedules import SCHEDULES
 
-from .samplers import (ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, Sampler, SamplerConfig,
+from .samplers import (FAST_SOLVERS, ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, Sampler, SamplerConfig,
                        sample_ald, sample_diffusion_pde, sample_dps, sample_fast)
 
 
@@ -98,10 +98,12 @@ PARAM_DOCS = {
     "late_obs_scale": "observation weight multiplier after pde_switch",
     "rho": "exponent of the Karras schedule",
     "noise_floor": "stands in for noise_sigma in the Kalman step when the observation is noiseless",
+    "solver": "fast: the step between noise levels given the guided x0: ancestral (with eta) or dpmpp_2m "
+              "(DPM-Solver++(2M), deterministic; eta unused)",
     "cg_iters": "conjugate-gradient iterations of the Kalman step, 0..50 (each one backprop per step; 0: no Kalman step, only the closed-form proximal step: linear operators without a PDE term)",
 }
 #: Closed sets of string values, and integer bounds beyond ``steps >= 1``.
-PARAM_CHOICES = {"schedule": tuple(SCHEDULES), "step_rule": ("snr", "eps")}
+PARAM_CHOICES = {"schedule": tuple(SCHEDULES), "step_rule": ("snr", "eps"), "solver": FAST_SOLVERS}
 PARAM_BOUNDS = {"steps": (1, None), "corrector_steps": (0, None), "final_corrector_steps": (0, None),
                 "cg_iters": (0, 50)}
 

@@ -23,8 +23,8 @@ from models.denoiser import Denoiser
 from models.schedules import SCHEDULES
 from operators.base import Operator, batch_dot
 
-from .core import (Callback, Progress, SplitGenerator, ancestral_step, col, denoise_with_grad, heun_step, init_state, levels, randn_like,
-                   snr_step_size, state_dtype_of)
+from .core import (Callback, Progress, SplitGenerator, ancestral_step, col, denoise_with_grad, dpmpp_2m_step,
+                   heun_step, init_state, levels, randn_like, snr_step_size, state_dtype_of)
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
 
@@ -313,6 +313,10 @@ def sample_diffusion_pde(denoiser: Denoiser, operator: Operator, y: torch.Tensor
 
 
 # --------------------------------------------------------------------------- fast
+#: The steps ``fast`` can take between noise levels (given the guided x0).
+FAST_SOLVERS = ("ancestral", "dpmpp_2m")
+
+
 @dataclass(frozen=True)
 class FastConfig(SamplerConfig):
     """The project's fast sampler. ``lam`` scales the prior's weight in the proximal data step;
@@ -321,7 +325,9 @@ class FastConfig(SamplerConfig):
     ``noise_floor`` stands in for ``sigma_y`` there when the observation is noiseless;
     ``cg_iters`` conjugate-gradient iterations solve that step (1 = a line search; each one
     more costs one more backprop through the network, no more network evaluations; 0 = no
-    Kalman step: only the closed-form proximal step of a linear operator, no backprop)."""
+    Kalman step: only the closed-form proximal step of a linear operator, no backprop);
+    ``solver`` the step from ``x_i`` to ``x_{i+1}`` given the guided ``x0``: ``ancestral`` (with
+    ``eta``) or ``dpmpp_2m`` (DPM-Solver++(2M), deterministic: ``eta`` is not used)."""
 
     steps: int = 30
     lam: float = 1.0
@@ -331,6 +337,7 @@ class FastConfig(SamplerConfig):
     noise_floor: float = 1e-2
     cg_iters: int = 1
     schedule: str = "karras"
+    solver: str = "ancestral"
     nonnegative: ClassVar[tuple[str, ...]] = ("eta", "zeta_obs", "zeta_pde")
     positive: ClassVar[tuple[str, ...]] = ("lam",)
 
@@ -338,6 +345,8 @@ class FastConfig(SamplerConfig):
         super().validate()
         if not 0 <= self.cg_iters <= 50:
             raise ValueError("cg_iters must be between 0 and 50")
+        if self.solver not in FAST_SOLVERS:
+            raise ValueError(f"solver must be one of {list(FAST_SOLVERS)}")
 
     def nfe_per_step(self) -> int:
         return 1
@@ -361,7 +370,9 @@ def sample_fast(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas:
     network). That line search is the first iteration of conjugate gradients on the whole
     Gaussian update; ``cg_iters > 1`` runs more (``kalman_cg``). Linear operators then take the proximal step
     ``argmin ||A u - y||^2 / sigma_y^2 + ||u - x0'||^2 / (lam r_i^2)`` (a projection when noiseless),
-    ``r_i^2 = sigma_i^2 sd^2 / (sigma_i^2 + sd^2)``. Then an ancestral step towards ``x0'``.
+    ``r_i^2 = sigma_i^2 sd^2 / (sigma_i^2 + sd^2)``. Then an ancestral step towards ``x0'``, or
+    (``solver`` ``dpmpp_2m``) a DPM-Solver++(2M) step, its ``D`` extrapolated from this step's and
+    the previous step's guided ``x0'``.
     """
     sig = levels(sigmas)
     x = _start(denoiser, y, sig[0], generator)
@@ -387,6 +398,7 @@ def sample_fast(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas:
     if config.cg_iters == 0 and not affine:
         raise ValueError("cg_iters 0 leaves only the proximal step, which needs a linear operator "
                          "without a PDE term; send cg_iters >= 1")
+    x0_prev = s_prev = None  # the previous step's guided x0 (dpmpp_2m)
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         if config.cg_iters == 0:  # the closed-form data step alone: no backprop
@@ -397,7 +409,11 @@ def sample_fast(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas:
             r2 = s ** 2 * sd2 / (s ** 2 + sd2)
             x0d = (operator.project(x0d, y) if noise_sigma == 0
                    else operator.prox(x0d, y, noise_sigma ** 2 / (config.lam * r2))).to(x.dtype)
-        x = ancestral_step(x, x0d, s, s_next, generator, config.eta)
+        if config.solver == "dpmpp_2m":
+            x = dpmpp_2m_step(x, x0d, s, s_next, x0_prev, s_prev)
+            x0_prev, s_prev = x0d, s
+        else:
+            x = ancestral_step(x, x0d, s, s_next, generator, config.eta)
         prog(i, s, x, x0d)
     return prog.done(x)
 
