@@ -36,7 +36,7 @@ LABELS = {METHODS[0]: "`fast` 50", METHODS[1]: "`fast` 50, no backprop"}
 EDM, FLOW = "phantom-64", "phantom-flow-64"
 #: budget (training steps) -> the commit holding each model at that step count
 AT = {1948: {EDM: "a9cd160", FLOW: "0505136"},
-      5162: {EDM: "dcc3f59", FLOW: "FLOW5162"}}
+      5162: {EDM: "dcc3f59", FLOW: "fa52531"}}
 
 
 def checkout(model: str, rev: str, steps: int, dest: Path) -> Path:
