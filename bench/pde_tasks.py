@@ -101,14 +101,14 @@ DEFAULTS = {
 }
 #: --tune grids (per task; a list of values per parameter). Parameters a grid leaves out come from DEFAULTS.
 TUNE_GRID = {
-    "forward": {"diffusion_pde": {"zeta_obs": [[3.0, 0.0], [10.0, 0.0], [30.0, 0.0]], "zeta_pde": [0.03]},
-                "fast": {"zeta_obs": [3.0, 30.0]},
+    "forward": {"diffusion_pde": {"zeta_obs": [[10.0, 0.0], [30.0, 0.0], [100.0, 0.0]], "zeta_pde": [0.03]},
+                "fast": {"zeta_obs": [30.0, 100.0, 300.0]},
                 "fast+pde": {"zeta_pde": [0.01, 0.1, 1.0]},
-                "dps": {"zeta": [0.3, 1.0, 3.0]}},
-    "inverse": {"diffusion_pde": {"zeta_obs": [[0.0, 1000.0], [0.0, 3000.0], [0.0, 10000.0]], "zeta_pde": [0.03]},
-                "fast": {"zeta_obs": [1e4, 1e5]},
+                "dps": {"zeta": [3.0, 10.0, 30.0]}},
+    "inverse": {"diffusion_pde": {"zeta_obs": [[0.0, 300.0], [0.0, 1000.0], [0.0, 3000.0]], "zeta_pde": [0.03]},
+                "fast": {"zeta_obs": [1e5, 1e6]},
                 "fast+pde": {"zeta_pde": [0.01, 0.1, 1.0]},
-                "dps": {"zeta": [30.0, 100.0, 300.0]}},
+                "dps": {"zeta": [300.0, 1000.0, 3000.0]}},
 }
 METRIC_KEYS = ("u_rel", "a_rel", "a_rel_int", "pde_res", "u_solve_rel")
 
