@@ -14,7 +14,11 @@ from guidance.solve import solve
 from operators.spec import build_operator
 from svc_helpers import MASK, MODELS, OBS, body, decode, start_server, stop_server
 
-LONG = {"name": "dps", "steps": 2500}  # about 2.5 s a job here
+LONG = {"name": "dps", "steps": 2500}  # 0.7-2.5 s a job (2 samples) here, by how busy the machine is
+#: The SIGTERM test sends the signal over a second after the job passed step 50: the job must still be
+#: running then, on a quiet machine too (with LONG it had finished there once, and the stream ended
+#: with its final status instead of the shutdown one). 5000 steps of 16 samples: 4 s or more.
+LONGER, LONGER_SAMPLES = {"name": "dps", "steps": 5000}, 16
 
 
 def solo(seed: int, method: dict, num_samples: int = 2) -> np.ndarray:
@@ -80,7 +84,7 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
     events, waiter = [], {}
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
-            running = submit(http, seed=7, method=LONG)
+            running = submit(http, seed=7, method=LONGER, num_samples=LONGER_SAMPLES)
             wait_for(http, running, lambda st: st["status"] == "running" and st["progress"]["step"] > 50)
 
             def stream():
@@ -93,7 +97,7 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
                             events.append((kind, json.loads(line[5:])))
 
             def reconstruct():
-                r = httpx.post(f"{url}/v1/reconstruct", json=body(seed=8, method=LONG), timeout=30)
+                r = httpx.post(f"{url}/v1/reconstruct", json=body(seed=8, method=LONGER, num_samples=LONGER_SAMPLES), timeout=30)
                 waiter.update(status=r.status_code, ctype=r.headers.get("content-type"), body=r.json(),
                               retry_after=r.headers.get("retry-after"))
 
@@ -101,6 +105,7 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
             for t in threads:
                 t.start()
             time.sleep(1.0)
+            assert http.get(f"/v1/jobs/{running}").json()["status"] == "running"  # what the test is about
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
@@ -123,6 +128,6 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
             st = wait_for(http, running, done, timeout=180)
             assert st["status"] == "succeeded", st
             res = http.get(f"/v1/jobs/{running}/result").json()
-            np.testing.assert_array_equal(decode(res["samples"]), solo(7, LONG))
+            np.testing.assert_array_equal(decode(res["samples"]), solo(7, LONGER, num_samples=LONGER_SAMPLES))
     finally:
         stop_server(proc)
