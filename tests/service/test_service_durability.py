@@ -97,7 +97,8 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
                             events.append((kind, json.loads(line[5:])))
 
             def reconstruct():
-                r = httpx.post(f"{url}/v1/reconstruct", json=body(seed=8, method=LONGER, num_samples=LONGER_SAMPLES), timeout=30)
+                r = httpx.post(f"{url}/v1/reconstruct", timeout=30,
+                               json=body(seed=8, method=LONGER, num_samples=LONGER_SAMPLES))
                 waiter.update(status=r.status_code, ctype=r.headers.get("content-type"), body=r.json(),
                               retry_after=r.headers.get("retry-after"))
 
