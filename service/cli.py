@@ -114,7 +114,7 @@ def _solve_locally(body: dict, args, progress) -> dict:
     from models.checkpoint import default_checkpoint_dir, load_models
     from operators.spec import OPERATORS
     from guidance.registry import METHODS
-    from service.jobs import finish_problem
+    from service.problem import finish_problem
     from service.prepare import prepare
     from service.schemas import make_request_model
     from service.settings import Settings

@@ -21,8 +21,6 @@ no job is left.
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import logging
 import math
 import threading
@@ -38,11 +36,11 @@ from sqlalchemy.exc import IntegrityError
 
 from guidance.core import DivergedError
 from guidance.driver import BatchItem, sample_batch
-from guidance.solve import Plan, PosteriorStats, finish
-from operators.base import Operator
+from guidance.solve import PosteriorStats
 
 from .errors import ApiError, scrub
 from .metrics import ServiceMetrics
+from .problem import Problem, finish_problem
 from .render import observation_view
 from .schemas import TERMINAL
 from .store import JobRecord, JobStore, StoredResult
@@ -52,82 +50,6 @@ log = logging.getLogger("reconserve.jobs")
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def digest(obj: Any) -> str:
-    """A stable hash of nested dicts/lists/numbers/strings/numpy arrays."""
-    h = hashlib.sha256()
-
-    def feed(o):
-        if isinstance(o, np.ndarray):
-            a = np.ascontiguousarray(o)
-            h.update(b"A" + a.dtype.str.encode() + repr(a.shape).encode() + a.tobytes())
-        elif isinstance(o, torch.Tensor):
-            feed(o.detach().cpu().numpy())
-        elif isinstance(o, dict):
-            h.update(b"{")
-            for k in sorted(o, key=str):
-                feed(str(k))
-                feed(o[k])
-            h.update(b"}")
-        elif isinstance(o, (list, tuple)):
-            h.update(b"[")
-            for e in o:
-                feed(e)
-            h.update(b"]")
-        else:
-            h.update(b"S" + json.dumps(o, default=repr).encode() + b";")
-
-    feed(obj)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- the validated problem
-@dataclass
-class Problem:
-    """Everything a job needs, validated: the model, its operator, observation and plan."""
-
-    model: Any  # models.checkpoint.LoadedModel
-    operator: Operator  # physical units
-    operator_digest: str
-    y: torch.Tensor  # observation, float64, obs_shape, physical units
-    noise_sigma: float
-    pde: Operator | None  # the requested PDE term (passed to the sampler)
-    pde_metric: Operator | None  # the PDE whose residual is reported (requested or the card's)
-    pde_digest: str
-    plan: Plan
-    num_samples: int
-    seed: int
-    returns: tuple[str, ...]
-    svd_available: bool = False
-    completion: str = "auto"
-    cost: float = 0.0  # admission cost (prepare.job_cost)
-
-    @property
-    def nbytes(self) -> int:
-        """Memory the queued problem holds in arrays (observation and operator arrays)."""
-        return int(self.y.numel() * self.y.element_size()) + sum(
-            int(v.numel() * v.element_size()) for v in vars(self.operator).values() if isinstance(v, torch.Tensor))
-
-    @property
-    def model_id(self) -> str:
-        return self.model.card["id"]
-
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share one sampler run."""
-        op = self.operator
-        return (self.model_id, json.dumps(self.plan.describe(), sort_keys=True, default=repr),
-                float(self.noise_sigma), self.pde_digest, op.kind, tuple(op.obs_shape),
-                bool(op.linear), getattr(op, "row_gram", None), bool(op.channel_separable),
-                type(op).__name__,
-                # projection ALD works in the operator's SVD basis: only identical operators share it
-                self.operator_digest if self.svd_available and self.plan.name == "ald" else None)
-
-
-def finish_problem(p: Problem, x_phys: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """``guidance.solve.finish`` (completion, metrics of the mean), non-finite metrics as None."""
-    x_phys, metrics = finish(p.model, p.operator, p.y, x_phys, p.pde_metric, p.completion, p.noise_sigma)
-    return x_phys, {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------- jobs

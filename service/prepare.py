@@ -29,7 +29,7 @@ from operators.spec import OPERATORS, OperatorSpecError, UnknownKindError, build
 
 from .codecs import CodecError, decode_array, is_encoded
 from .errors import ApiError
-from .jobs import Problem, digest
+from .problem import Problem, digest
 from .ranges import check_observation
 from .schemas import MethodDefaults
 
