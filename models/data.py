@@ -80,9 +80,9 @@ def darcy_coefficient(g: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- PDE pairs
 def _solver(kind: str) -> Callable[[np.ndarray], np.ndarray]:
-    from operators import pde  # lazy: operators is a sibling package
+    from operators import pde_solvers as S  # numpy and scipy only: no torch, nothing of the service
 
-    return {"darcy": pde.solve_darcy, "poisson": pde.solve_poisson, "helmholtz": pde.solve_helmholtz}[kind]
+    return {"darcy": S.solve_darcy, "poisson": S.solve_poisson, "helmholtz": S.solve_helmholtz}[kind]
 
 
 def _pde_chunks(kind: str, num: int, n: int, seed: int, chunk: int = _CHUNK,

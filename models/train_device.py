@@ -23,11 +23,9 @@ What it does, for one model ``ID``:
    CUDA -> CPU direction of the state, checked on the machine that wrote it.
 
 It imports none of the service's packages: ``fastapi``, ``pydantic``, ``deepinv`` and the like
-are blocked while it runs (so the CPU smoke fails where the bare GPU machine would). The Darcy
-solver lives in ``operators.pde``, whose package ``__init__`` imports pydantic and deepinv; the
-solver itself needs only numpy/scipy/torch, so it is imported as ``operators.pde`` under a bare
-``operators`` package with a stand-in ``operators.base.Operator`` (only the residual classes,
-unused here, subclass it).
+are blocked while it runs (so the CPU smoke fails where the bare GPU machine would). The PDE
+solvers come from ``operators.pde_solvers``, which imports numpy and scipy only (the ``operators``
+package imports its submodules lazily).
 
 Data: the generated sets are those of the committed runs (``data``, ``num_examples``,
 ``data_seed`` from the saved config; ``models.data`` draws every sample in a fixed order from
@@ -55,7 +53,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 FILES = ("resume.safetensors", "weights.safetensors", "card.json")
 TRANSFER_LIMIT = 16 * 2 ** 20  # the device tool brings back files of at most 16 MiB
 BLOCKED = ("fastapi", "starlette", "pydantic", "pydantic_core", "pydantic_settings", "deepinv", "uvicorn",
@@ -75,25 +72,6 @@ class _Blocker(importlib.abc.MetaPathFinder):
 def block_service_imports() -> None:
     if not any(isinstance(f, _Blocker) for f in sys.meta_path):
         sys.meta_path.insert(0, _Blocker())
-
-
-def light_operators() -> None:
-    """Make ``from operators import pde`` work without ``operators/__init__`` (pydantic, deepinv)."""
-    if "operators" in sys.modules:
-        return
-    pkg = types.ModuleType("operators")
-    pkg.__path__ = [str(ROOT / "operators")]
-    pkg.__doc__ = "stand-in package: only operators.pde is importable (models.train_device)"
-    base = types.ModuleType("operators.base")
-
-    class Operator:  # what operators.pde's residual classes subclass; they are not used here
-        def __init__(self, in_shape):
-            self.in_shape = tuple(in_shape)
-
-    base.Operator = Operator
-    pkg.base = base
-    sys.modules["operators"] = pkg
-    sys.modules["operators.base"] = base
 
 
 def tqdm_fallback() -> None:
@@ -152,7 +130,7 @@ def darcy_parallel(num: int, n: int, seed: int, workers: int = 1, alpha: float =
 
     step = -(-num // (workers * 4))  # a few chunks per worker
     chunks = [masks[i:i + step] for i in range(0, num, step)]
-    with mp.get_context("fork").Pool(workers) as pool:  # fork: the children inherit the stand-in operators
+    with mp.get_context("fork").Pool(workers) as pool:  # fork: the children inherit the blocker
         out[:, 1] = np.concatenate(pool.map(_solve_darcy_chunk, chunks))
     return out
 
@@ -313,7 +291,6 @@ def main(argv=None) -> int:
 
     if not args.no_block:
         block_service_imports()
-    light_operators()
     tqdm_fallback()
     import torch
 

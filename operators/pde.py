@@ -1,4 +1,4 @@
-"""PDE residual operators and exact sparse-direct solvers on the DESIGN.md grid.
+"""PDE residual operators on the DESIGN.md grid, and the exact solvers they check.
 
 Grid: ``N x N`` nodes on ``[0, 1]^2`` including the boundary, ``h = 1 / (N - 1)``; the
 field ``x: [B, C, N, N]`` holds the coefficient/source ``a`` and the solution ``u`` in the
@@ -19,34 +19,22 @@ right-hand side is ``f h^2`` (Darcy) or ``a`` (Poisson, Helmholtz) at interior n
 ``scale`` puts a boundary value in the units of an interior residual: the diagonal of the
 stencil, ``4 mean(a)`` (Darcy) or ``4 / h^2`` (Poisson, Helmholtz).
 
-The solvers assemble exactly these stencils (float64, ``scipy.sparse.linalg.spsolve``), so
-the residual of their output is at round-off level.
+The solvers (:mod:`operators.pde_solvers`, re-exported here) assemble exactly these stencils
+(float64, ``scipy.sparse.linalg.spsolve``), so the residual of their output is at round-off level.
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 import torch
 import torch.nn.functional as F
 
 from .base import Operator
+from .pde_solvers import NEIGHBOURS, grid_spacing, interior, solve_darcy, solve_helmholtz, solve_poisson
 
-#: Neighbour offsets (di, dj) of the 5-point stencil.
-NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
-
-
-def grid_spacing(n: int) -> float:
-    """``h = 1 / (N - 1)`` for ``N`` nodes including the boundary."""
-    return 1.0 / (n - 1)
-
-
-def _interior(t, di: int = 0, dj: int = 0):
-    """Interior block of the last two dims shifted by ``(di, dj)`` (numpy or torch)."""
-    n, m = t.shape[-2], t.shape[-1]
-    return t[..., 1 + di: n - 1 + di, 1 + dj: m - 1 + dj]
+__all__ = ["PDEResidual", "DarcyResidual", "PoissonResidual", "HelmholtzResidual", "PDE_RESIDUALS",
+           "grid_spacing", "solve_darcy", "solve_poisson", "solve_helmholtz"]
 
 
 # ----------------------------------------------------------------------------- residual operators
@@ -126,8 +114,8 @@ class PDEResidual(Operator):
 
 def _laplacian(u: torch.Tensor, h: float) -> torch.Tensor:
     """5-point Laplacian at interior nodes: ``(sum_Q u_Q - 4 u_P) / h^2``."""
-    s = sum(_interior(u, di, dj) for di, dj in NEIGHBOURS)
-    return (s - 4 * _interior(u)) / h**2
+    s = sum(interior(u, di, dj) for di, dj in NEIGHBOURS)
+    return (s - 4 * interior(u)) / h**2
 
 
 class DarcyResidual(PDEResidual):
@@ -141,8 +129,8 @@ class DarcyResidual(PDEResidual):
         self.f = float(f)
 
     def interior_residual(self, a, u):
-        a_p, u_p = _interior(a), _interior(u)
-        flux = sum((a_p + _interior(a, di, dj)) / 2 * (u_p - _interior(u, di, dj))
+        a_p, u_p = interior(a), interior(u)
+        flux = sum((a_p + interior(a, di, dj)) / 2 * (u_p - interior(u, di, dj))
                    for di, dj in NEIGHBOURS)
         return flux - self.f * self.h**2
 
@@ -164,10 +152,10 @@ class PoissonResidual(PDEResidual):
     kind = "poisson"
 
     def interior_residual(self, a, u):
-        return _laplacian(u, self.h) - _interior(a)
+        return _laplacian(u, self.h) - interior(a)
 
     def rhs_norm(self, a):
-        return _interior(a).flatten(1).norm(dim=1)
+        return interior(a).flatten(1).norm(dim=1)
 
     def boundary_scale(self, a):
         return 4 / self.h**2
@@ -187,7 +175,7 @@ class HelmholtzResidual(PoissonResidual):
         self.k = float(k)
 
     def interior_residual(self, a, u):
-        return _laplacian(u, self.h) + self.k**2 * _interior(u) - _interior(a)
+        return _laplacian(u, self.h) + self.k**2 * interior(u) - interior(a)
 
     def solution_of(self, a):
         return solve_helmholtz(a, self.k)
@@ -196,58 +184,3 @@ class HelmholtzResidual(PoissonResidual):
 PDE_RESIDUALS: dict[str, type[PDEResidual]] = {
     cls.kind: cls for cls in (DarcyResidual, PoissonResidual, HelmholtzResidual)
 }
-
-
-# ----------------------------------------------------------------------------- solvers
-def _solve_five_point(diag: np.ndarray, weights: dict, rhs: np.ndarray) -> np.ndarray:
-    """Solve ``diag_P u_P + sum_Q w_PQ u_Q = rhs_P`` on interior nodes with ``u = 0`` on the boundary.
-
-    ``diag``, ``rhs``: ``[N-2, N-2]``; ``weights[(di, dj)]``: ``[N-2, N-2]`` coefficient of the
-    neighbour at offset ``(di, dj)``. Returns ``u: [N, N]`` (boundary zeros).
-    """
-    n = diag.shape[0] + 2
-    index = -np.ones((n, n), dtype=np.int64)
-    index[1:-1, 1:-1] = np.arange((n - 2) ** 2).reshape(n - 2, n - 2)
-    rows, cols, vals = [index[1:-1, 1:-1].ravel()], [index[1:-1, 1:-1].ravel()], [diag.ravel()]
-    for (di, dj), w in weights.items():
-        q = _interior(index, di, dj).ravel()
-        inside = q >= 0  # boundary neighbours carry u = 0: drop them
-        rows.append(index[1:-1, 1:-1].ravel()[inside])
-        cols.append(q[inside])
-        vals.append(w.ravel()[inside])
-    size = (n - 2) ** 2
-    mat = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                        shape=(size, size))
-    u = np.zeros((n, n))
-    u[1:-1, 1:-1] = spla.spsolve(mat, rhs.ravel()).reshape(n - 2, n - 2)
-    return u
-
-
-def solve_darcy(a: np.ndarray, f: float = 1.0) -> np.ndarray:
-    """Ground truth for Darcy: ``sum_Q (a_P + a_Q)/2 (u_P - u_Q) = f h^2``, ``u = 0`` on the boundary."""
-    a = np.asarray(a, dtype=np.float64)
-    n = a.shape[0]
-    a_p = _interior(a)
-    faces = {(di, dj): (a_p + _interior(a, di, dj)) / 2 for di, dj in NEIGHBOURS}
-    diag = sum(faces.values())
-    weights = {s: -c for s, c in faces.items()}
-    return _solve_five_point(diag, weights, np.full_like(a_p, f * grid_spacing(n) ** 2))
-
-
-def _solve_helmholtz_like(a: np.ndarray, k2: float) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    h2 = grid_spacing(a.shape[0]) ** 2
-    a_p = _interior(a)
-    diag = np.full_like(a_p, -4 / h2 + k2)
-    weights = {s: np.full_like(a_p, 1 / h2) for s in NEIGHBOURS}
-    return _solve_five_point(diag, weights, a_p.copy())
-
-
-def solve_poisson(a: np.ndarray) -> np.ndarray:
-    """Ground truth for Poisson: ``(sum_Q u_Q - 4 u_P)/h^2 = a_P``, ``u = 0`` on the boundary."""
-    return _solve_helmholtz_like(a, 0.0)
-
-
-def solve_helmholtz(a: np.ndarray, k: float = 1.0) -> np.ndarray:
-    """Ground truth for Helmholtz: ``(sum_Q u_Q - 4 u_P)/h^2 + k^2 u_P = a_P``, ``u = 0`` on the boundary."""
-    return _solve_helmholtz_like(a, float(k) ** 2)

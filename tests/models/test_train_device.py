@@ -138,3 +138,19 @@ def test_train_device_smoke_keeps_the_flow_objective(tmp_path):
     st = _state(out / "phantom-flow-64" / "resume.safetensors")
     assert card["parameterization"]["kind"] == "flow" and st["config"]["objective"] == "flow"
     assert card["training"]["steps"] == st["step"] == s["end_step"]
+
+
+def test_training_imports_nothing_of_the_service():
+    """Training on a bare machine imports the project's own code, no stubs: the trainer, the data
+    generators and the PDE solvers they call leave pydantic, deepinv and fastapi unimported."""
+    code = ("import sys\n"
+            "import models.train_device, models.train\n"
+            "from models import data as D\n"
+            "for kind in ('darcy', 'poisson', 'helmholtz'):\n"
+            "    arr, _ = D.generate(kind, 2, 8, 0)\n"
+            "    assert arr[:, 1, 1:-1, 1:-1].std() > 0  # a solve ran\n"
+            "assert 'operators.pde_solvers' in sys.modules\n"
+            "print(sorted(m for m in ('pydantic', 'deepinv', 'fastapi') if m in sys.modules))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout

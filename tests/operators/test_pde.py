@@ -143,3 +143,25 @@ def test_complete_gives_the_solver_pair(kind):
     np.testing.assert_allclose(out[0, 1].numpy(), a if kind == "darcy" else noisy_a)  # snapped back to truth
     np.testing.assert_allclose(out[1, 0].numpy(), u, rtol=1e-10, atol=1e-14)
     assert float(pde.relative_residual(out).max()) < 1e-9
+
+
+def test_solvers_import_numpy_and_scipy_only():
+    """The exact solvers (training data on a bare machine) need neither torch nor the service's packages;
+    ``operators.pde`` serves the same functions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from operators import pde, pde_solvers
+
+    assert (pde.solve_darcy, pde.solve_poisson, pde.solve_helmholtz, pde.grid_spacing) == (
+        pde_solvers.solve_darcy, pde_solvers.solve_poisson, pde_solvers.solve_helmholtz, pde_solvers.grid_spacing)
+    code = ("import sys\n"
+            "from operators.pde_solvers import solve_darcy\n"
+            "import numpy as np\n"
+            "assert solve_darcy(np.full((6, 6), 3.0))[2, 2] > 0\n"
+            "print(sorted(m for m in ('torch', 'pydantic', 'deepinv', 'fastapi') if m in sys.modules))\n")
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
