@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -120,7 +121,10 @@ def builtin_models() -> dict[str, LoadedModel]:
 
 
 def default_checkpoint_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "checkpoints"
+    """The embedded priors: ``models/checkpoints/`` where a wheel install ships them as package
+    data (``setup.py`` copies them there), else ``checkpoints/`` of the checkout this runs from."""
+    shipped = Path(resources.files(__package__)) / "checkpoints"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def load_models(*folders: str | Path, device: str | torch.device = "cpu",

@@ -2,9 +2,22 @@
 
 ``RECONSERVE_API_KEYS=key1,key2`` turns authentication on; ``RECONSERVE_DEVICE=cuda`` runs the
 worker on the GPU; ``RECONSERVE_MODELS_DIR`` adds a folder of checkpoints to the built-in ones.
+
+Paths work from a git checkout and from an installed wheel alike:
+
+* ``RECONSERVE_DATA_DIR``, the job store: default ``var/`` of the checkout when the code runs from
+  one (``pyproject.toml`` beside ``service/``), else the per-user data folder
+  ``$XDG_DATA_HOME/reconserve`` (``~/.local/share/reconserve`` when that variable is unset);
+* ``RECONSERVE_CHECKPOINTS_DIR``, the embedded priors: default those the wheel ships as package
+  data (``models/checkpoints/``), else ``checkpoints/`` of the checkout
+  (``models.checkpoint.default_checkpoint_dir``);
+* the request examples shown on ``/docs`` (:func:`examples_dir`): those the wheel ships
+  (``service/examples/``), else ``docs/examples/`` of the checkout.
 """
 from __future__ import annotations
 
+import os
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -12,7 +25,36 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "var"
+def checkout_root() -> Path | None:
+    """The source tree this code runs from (``pyproject.toml`` beside ``service/``), or None in
+    an installed wheel (``service/`` in site-packages)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def default_data_dir() -> Path:
+    """``var/`` of the checkout, else ``$XDG_DATA_HOME/reconserve`` (``~/.local/share/reconserve``;
+    a relative ``XDG_DATA_HOME`` is ignored, as the XDG base directory specification asks)."""
+    root = checkout_root()
+    if root is not None:
+        return root / "var"
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / "reconserve"
+
+
+def _embedded_checkpoints() -> Path:
+    from models.checkpoint import default_checkpoint_dir  # imports torch: only when Settings are read
+    return default_checkpoint_dir()
+
+
+def examples_dir() -> Path:
+    """The request examples shown on ``/docs``: ``service/examples/`` where a wheel ships them
+    (``setup.py``), else ``docs/examples/`` of the checkout (written by its make_examples.py)."""
+    shipped = Path(resources.files(__package__)) / "examples"
+    if shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
 class Settings(BaseSettings):
@@ -21,11 +63,14 @@ class Settings(BaseSettings):
     #: Torch device of the worker ("cpu", "cuda", "cuda:1"); "auto": CUDA when torch sees a GPU,
     #: else the CPU (resolved when the settings are read; the server logs which at start).
     device: str = "auto"
-    #: A folder of checkpoints (``<id>/card.json`` + weights) served beside ``checkpoints/``.
+    #: The embedded checkpoints (``<id>/card.json`` + weights), always served: default the
+    #: wheel's, else ``checkpoints/`` of the checkout (see the module's docstring).
+    checkpoints_dir: Path = Field(default_factory=_embedded_checkpoints)
+    #: A folder of checkpoints (``<id>/card.json`` + weights) served beside the embedded ones.
     models_dir: Path | None = None
     #: The durable job store: its SQLite database and every job's request and result files
-    #: (created on start). Default: ``var/`` beside the checkout.
-    data_dir: Path = Field(default_factory=lambda: DEFAULT_DATA_DIR)
+    #: (created on start). Default: ``var/`` of the checkout, else the per-user data folder.
+    data_dir: Path = Field(default_factory=default_data_dir)
     #: A SQLAlchemy URL for the job store's database instead of SQLite in ``data_dir`` (e.g.
     #: ``postgresql+psycopg://user@host/reconserve``); array files stay in ``data_dir``.
     database_url: str | None = None

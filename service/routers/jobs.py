@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import re
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,15 +22,18 @@ from ..body import body_slot, read_body
 from ..codecs import encode_array, npy_bytes
 from ..deps import AUTH, READY, State, get_job, get_state
 from ..errors import ApiError
-from ..jobs import Job, JobResult, shutting_down_error
+from ..admission import ShuttingDown
+from ..job import Job, JobResult, JobsError
 from ..prepare import admit, build
+from ..settings import examples_dir
 from .common import ERROR_RESPONSES
 
 log = logging.getLogger("reconserve.app")
 router = APIRouter(tags=["jobs"])
 
-#: The request bodies of docs/examples (made by its make_examples.py), shown in /docs.
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "docs" / "examples"
+#: The request bodies of docs/examples (made by its make_examples.py), shown in /docs; a wheel
+#: ships them as package data.
+EXAMPLES_DIR = examples_dir()
 
 
 def _examples() -> dict:
@@ -62,6 +64,16 @@ def _job_error_status(code: str) -> int:
     return {"cancelled": 409, "shutting_down": 503, "out_of_memory": 413}.get(code, 422)
 
 
+#: The HTTP status of each refusal of the job layer (``service.job.JobsError``).
+REFUSAL_STATUS = {"queue_full": 429, "shutting_down": 503, "expired": 410}
+
+
+def http_error(e: JobsError) -> ApiError:
+    """A refusal of the job layer (queue full, shutting down, result expired) as the API answers it."""
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return ApiError(REFUSAL_STATUS[e.code], e.code, e.message, headers=headers)
+
+
 async def accept(request: Request, state: State) -> tuple[Job, bool]:
     """A submitted job: ``(job, new)``; ``new`` is False for a repeated ``Idempotency-Key``."""
     key = request.headers.get("idempotency-key")
@@ -80,7 +92,7 @@ async def accept(request: Request, state: State) -> tuple[Job, bool]:
         try:
             problem, arrays, stored = await run_in_threadpool(_build, state, adm, body.files)
             if state.shutting_down:
-                raise shutting_down_error()
+                raise ShuttingDown()
             job, new = await run_in_threadpool(state.jobs.submit, problem, reservation, stored, arrays,
                                                key, body.digest)
         finally:
