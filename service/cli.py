@@ -44,9 +44,9 @@ def _parse_params(items) -> dict:
 
 def cmd_models(args) -> int:
     from models.checkpoint import load_models
+    from service.settings import Settings
     folders = [f for f in (args.models,) if f]
-    from models.checkpoint import default_checkpoint_dir
-    models = load_models(default_checkpoint_dir(), *folders)
+    models = load_models(Settings().checkpoints_dir, *folders)
     for mid, m in models.items():
         c = m.card
         methods = ", ".join(x["name"] for x in c.get("methods") or [])
@@ -111,7 +111,7 @@ def _solve_locally(body: dict, args, progress) -> dict:
     import torch
 
     from guidance.driver import BatchItem, sample_batch
-    from models.checkpoint import default_checkpoint_dir, load_models
+    from models.checkpoint import load_models
     from operators.spec import OPERATORS
     from guidance.registry import METHODS
     from service.problem import finish_problem
@@ -121,7 +121,7 @@ def _solve_locally(body: dict, args, progress) -> dict:
 
     settings = Settings()
     torch.set_num_threads(args.threads or settings.torch_threads or torch.get_num_threads())
-    models = load_models(default_checkpoint_dir(), *([args.models] if args.models else []))
+    models = load_models(settings.checkpoints_dir, *([args.models] if args.models else []))
     p = prepare(body, make_request_model(list(OPERATORS), list(METHODS)), models, settings)
     with torch.no_grad():
         run = sample_batch(p.model, p.plan, [BatchItem(p.operator, p.y, p.num_samples, p.seed)],

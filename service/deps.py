@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from guidance.registry import METHODS
-from models.checkpoint import default_checkpoint_dir, load_models
+from models.checkpoint import load_models
 from models.denoiser import NetworkOptions, configure_network
 from operators.spec import OPERATORS
 
@@ -60,7 +60,7 @@ class State:
         try:
             if self.models is None:
                 extra = [self.settings.models_dir] if self.settings.models_dir else []
-                self.models = load_models(default_checkpoint_dir(), *extra, device=self.settings.device,
+                self.models = load_models(self.settings.checkpoints_dir, *extra, device=self.settings.device,
                                           skipped=self.skipped_models)
                 log.info("loaded models: %s", sorted(self.models))
                 for folder, why in self.skipped_models.items():  # one bad folder never blocks the others
