@@ -31,194 +31,22 @@ Pickles with code (an EDM ``.pkl``, a ``.pt`` holding a whole ``nn.Module``) are
 """
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
-import pickle
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CARD, WEIGHTS, CheckpointError, build_network, save_checkpoint, wrap_network
+from .card import (CARD, DEFAULT_METHODS, WEIGHTS, CheckpointError, build_network, read_card,  # noqa: F401
+                   save_checkpoint, wrap_network)
 from .denoiser import Denoiser, VPDenoiser
+from .format_io import (TORCH_SUFFIXES, PickledCheckpointError, utc_now, prepare_out, image_card,  # noqa: F401
+                        load_state_dict_file, read_config, refuse_pickle, sha256_file, vp_alphas_cumprod)
 
 __all__ = ["FORMATS", "ModelFormat", "PickledCheckpointError", "detect_format", "import_model", "load_denoiser",
            "read_config", "vp_alphas_cumprod", "DEFAULT_METHODS"]
-
-#: The method a freshly imported (or trained) card recommends.
-DEFAULT_METHODS = [{"name": "fast", "steps": 50}]
-_PICKLE_SUFFIXES = (".pkl", ".pickle")
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-CONVERT_HINT = (
-    "reconserve never unpickles code. Convert it where the authors' code is installed: load the "
-    "network there and save its weights only, e.g.\n"
-    "    torch.save(net.state_dict(), 'weights.pt')        # or\n"
-    "    safetensors.torch.save_file(net.state_dict(), 'weights.safetensors')\n"
-    "(for an EDM .pkl: net = pickle.load(open(path, 'rb'))['ema']), then import that file. "
-    "reconserve imports guided-diffusion/ADM UNet state dicts (`reconserve import adm FILE --config "
-    "model_config.yaml`) and diffusers UNet2DModel folders (`reconserve import diffusers FOLDER`); "
-    "an EDM network (SongUNet/DhariwalUNet) has no importer yet.")
-
-
-class PickledCheckpointError(CheckpointError):
-    """A checkpoint that holds pickled code, or is not a plain state dict."""
-
-
-# ----------------------------------------------------------------------------- helpers
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_config(paths) -> dict:
-    """Merge one or more YAML (``.yaml``/``.yml``) or JSON files into one dict (later files win).
-
-    DPS keeps its settings in ``configs/model_config.yaml`` and ``diffusion_config.yaml``: pass both.
-    """
-    if paths is None:
-        return {}
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    out: dict = {}
-    for p in paths:
-        p = Path(p)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise CheckpointError(f"cannot read the config {p}: {e}") from None
-        if p.suffix.lower() in (".yaml", ".yml"):
-            data = _read_yaml(text, p)
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{p}: not valid JSON ({e}); YAML files must end in .yaml or .yml") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
-        out.update(data)
-    return out
-
-
-def _read_yaml(text: str, path: Path) -> dict:
-    try:
-        import yaml
-    except ImportError:  # a flat "key: value" file (DPS's configs are) without PyYAML
-        out = {}
-        for line in text.splitlines():
-            line = line.split("#", 1)[0].rstrip()
-            if not line.strip():
-                continue
-            key, sep, raw = line.partition(":")
-            if not sep or line[0].isspace():
-                raise CheckpointError(f"{path}: nested YAML needs PyYAML (pip install pyyaml)") from None
-            raw = raw.strip()
-            try:
-                out[key.strip()] = json.loads(raw.lower() if raw in ("True", "False") else raw)
-            except json.JSONDecodeError:
-                out[key.strip()] = raw.strip("'\"")
-        return out
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: not valid YAML ({e})") from None
-
-
-def refuse_pickle(path: Path) -> None:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise PickledCheckpointError(f"{path} is a pickle (code, not just weights). {CONVERT_HINT}")
-
-
-def load_state_dict_file(path: str | Path) -> dict:
-    """A plain state dict from ``.safetensors`` or ``.pt``/``.pth``/``.bin`` (``weights_only=True``).
-
-    Refuses pickles with code and files that do not hold a mapping of tensors."""
-    path = Path(path)
-    refuse_pickle(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix.lower() == ".safetensors":
-        return load_file(str(path), device="cpu")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch styles its message for terminals
-        first = text.splitlines()[0] if text else type(e).__name__
-        raise PickledCheckpointError(f"{path} holds pickled code, not a plain state dict ({first}). "
-                                     f"{CONVERT_HINT}") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a PyTorch weights file ({e})") from None
-    if not isinstance(sd, Mapping):
-        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict (parameter names -> "
-                              "tensors); save one with torch.save(net.state_dict(), 'weights.pt')")
-    return dict(sd)
-
-
-def channel_names(c: int) -> list[str]:
-    return {1: ["gray"], 3: ["r", "g", "b"]}.get(c, [f"c{i}" for i in range(c)])
-
-
-def vp_alphas_cumprod(schedule: Mapping[str, Any]) -> torch.Tensor:
-    """``alpha_bar_t`` (float64) of a card's VP ``parameterization.schedule``."""
-    from .adapters import adm_alphas_cumprod, diffusers_alphas_cumprod
-
-    family = schedule.get("family")
-    if family == "guided-diffusion":
-        return adm_alphas_cumprod(int(schedule.get("num_timesteps", 1000)), schedule.get("noise_schedule", "linear"))
-    if family == "diffusers":
-        return diffusers_alphas_cumprod({k: v for k, v in schedule.items() if k != "family"})
-    raise CheckpointError(f"unknown schedule family {family!r} (guided-diffusion or diffusers)")
-
-
-def _sigma_range(abar: torch.Tensor) -> tuple[float, float]:
-    a = abar.double()
-    sig = torch.sqrt((1 - a) / a)
-    return float(sig[0]), float(sig[-1])
-
-
-def image_card(*, model_id: str, shape, architecture: dict, parameterization: dict, abar: torch.Tensor,
-               source: dict, description: str | None, value_range=(0.0, 1.0)) -> dict:
-    """The card of an imported image model (network space ``[-1, 1]``, physical ``[0, 1]``)."""
-    c = int(shape[0])
-    smin, smax = _sigma_range(abar)
-    return {
-        "id": model_id,
-        "kind": "image",
-        "shape": [int(s) for s in shape],
-        "channels": channel_names(c),
-        "architecture": architecture,
-        "parameterization": parameterization,
-        "sigma_min": smin,
-        "sigma_max": smax,
-        "normalization": {"shift": [0.5] * c, "scale": [0.5] * c,
-                          "meaning": "x_phys = shift + scale * x_net (per channel); the network works on "
-                                     "[-1, 1], images are served in [0, 1]"},
-        "pde": None,
-        "value_range": list(value_range),
-        "description": description or (f"{source['format']} model imported from {source['file']} "
-                                       f"({'x'.join(map(str, shape))}); trained on data not described by its source."),
-        "training": {"data": "not stated by the source checkpoint (imported)", "source": source},
-        "methods": [dict(m) for m in DEFAULT_METHODS],
-    }
-
-
-def _prepare_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if (out / CARD).exists() and not overwrite:
-        raise CheckpointError(f"{out} already holds a model (card.json); pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 # ----------------------------------------------------------------------------- formats
@@ -256,7 +84,7 @@ class ReconserveFormat(ModelFormat):
         card = json.loads((src / CARD).read_text())
         if config:
             raise CheckpointError("--config does not apply to a reconserve folder (its card says everything)")
-        out = _prepare_out(out, overwrite)
+        out = prepare_out(out, overwrite)
         card["id"] = model_id or (card.get("id") if out.resolve() == src.resolve() else out.name)
         if description:
             card["description"] = description
@@ -289,7 +117,7 @@ class ADMFormat(ModelFormat):
     architectures = ("adm",)
 
     def detect(self, source: Path) -> bool:
-        if not source.is_file() or source.suffix.lower() not in _TORCH_SUFFIXES + (".safetensors",):
+        if not source.is_file() or source.suffix.lower() not in TORCH_SUFFIXES + (".safetensors",):
             return False
         if source.suffix.lower() == ".safetensors":  # the keys alone, without reading the tensors
             from safetensors import safe_open
@@ -338,9 +166,9 @@ class ADMFormat(ModelFormat):
         param = {"kind": "vp", "prediction": "x0" if settings["predict_xstart"] else "eps", "out_channels": c,
                  "schedule": schedule, "rescale_timesteps": bool(settings["rescale_timesteps"]),
                  "timesteps": "fractional: log sigma interpolated between the trained levels"}
-        out = _prepare_out(out, overwrite)
+        out = prepare_out(out, overwrite)
         source_info = {"format": self.name, "file": src.name, "sha256": sha256_file(src), "config": given,
-                       "settings": settings, "inferred": inferred, "imported": _now()}
+                       "settings": settings, "inferred": inferred, "imported": utc_now()}
         card = image_card(model_id=model_id or out.name, shape=(c, size, size),
                           architecture={"name": "adm", "args": args}, parameterization=param, abar=abar,
                           source=source_info, description=description)
@@ -435,12 +263,12 @@ class DiffusersFormat(ModelFormat):
                  "timesteps": ("rounded (learned time embedding)" if cfg.get("time_embedding_type") == "learned"
                                else "fractional: log sigma interpolated between the trained levels")}
         assert _PREDICTION_TYPES[full["prediction_type"]] == den.parameterization
-        out = _prepare_out(out, overwrite)
+        out = prepare_out(out, overwrite)
         source_info = {"format": self.name, "file": str(wfile.relative_to(src)), "folder": src.name,
                        "sha256": sha256_file(wfile),
                        "scheduler": (scfg if sched_path.is_file()
                                      else "DDPMScheduler defaults (no scheduler_config.json)"),
-                       "config": given, "imported": _now()}
+                       "config": given, "imported": utc_now()}
         card = image_card(model_id=model_id or out.name, shape=(c, *hw),
                           architecture={"name": "diffusers", "args": {"class": "UNet2DModel", "config": cfg}},
                           parameterization=param, abar=vp_alphas_cumprod(schedule),
@@ -477,7 +305,7 @@ def detect_format(source: str | Path) -> str:
     for name, fmt in FORMATS.items():
         if fmt.detect(src):
             return name
-    if src.is_file() and src.suffix.lower() in _TORCH_SUFFIXES:
+    if src.is_file() and src.suffix.lower() in TORCH_SUFFIXES:
         load_state_dict_file(src)  # raises the pickle refusal where that is the reason
     raise CheckpointError(f"{src}: not a format reconserve imports; formats: "
                           + "; ".join(f"{n}: {f.summary}" for n, f in FORMATS.items()))
@@ -499,13 +327,12 @@ def import_model(fmt: str, source: str | Path, out: str | Path, *, model_id: str
         raise CheckpointError(f"unknown format {fmt!r}; use one of {sorted(FORMATS)} or auto")
     folder = FORMATS[name].import_(src, out, model_id=model_id, config=config, description=description,
                                    overwrite=overwrite)
-    if check:
-        from .checkpoint import load_checkpoint
-
-        m = load_checkpoint(folder)
-        x = torch.randn((1, *m.card["shape"]), generator=torch.Generator().manual_seed(0))
+    if check:  # load it back as models.checkpoint.load_checkpoint does, call it once
+        card = read_card(folder)
+        den = load_denoiser(folder, card).eval()
+        x = torch.randn((1, *card["shape"]), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            d = m.denoiser(x, 1.0)
+            d = den(x, 1.0)
         if d.shape != x.shape or not torch.isfinite(d).all():
             raise CheckpointError(f"{folder}: the imported model does not give finite outputs of shape {list(x.shape)}")
     return folder
