@@ -17,7 +17,7 @@ range itself) and ``sigma`` in the same units, so ``sigma_net = sigma * (hi - lo
 floored at the card's ``sigma_min`` (DDRM's schedule ends at sigma = 0, where the EDM
 preconditioning would take log 0). It counts its calls and the backprops through it.
 
-Peers (deepinv 0.5.0, run as shipped, see /work/shared/deepinv-notes.md):
+Peers (deepinv 0.5.0's own classes, run as shipped):
 
 * ``dinv_dps``: ``deepinv.sampling.DPS`` (VP schedule, DDPM solver, ``guidance="norm"``), ``weight``
   tuned; ``num_steps = n`` makes ``n - 1`` network calls, each with one backprop;
