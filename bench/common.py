@@ -7,8 +7,8 @@ example from ``numpy.random.default_rng(seed)``: different seeds are independent
 (NumPy's ``SeedSequence``), and ``check_held_out`` confirms that no held-out example equals
 a training example when the training set is at hand (``runs/<id>/data.npy``).
 
-Batched solving. ``solve`` takes one observation; ``run_batched`` runs the same driver
-(``guidance.driver.sample_batch``) with one item per case, each with its own seeded random
+Batched solving. ``solve`` takes one observation; ``run_batched`` runs the same solve path
+(``guidance.solve.solve_batch``, without its finishing) with one item per case, each with its own seeded random
 stream, so a case gets the same result whatever batch it runs in. ``nfe`` counts batched
 network calls, i.e. the evaluations each case paid for.
 """
@@ -41,11 +41,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from guidance.core import DivergedError  # noqa: E402
-from guidance.driver import BatchItem, sample_batch  # noqa: E402
 from guidance.registry import METHODS  # noqa: E402
-from guidance.solve import Plan  # noqa: E402
+from guidance.solve import SolveItem, make_plan, solve_batch  # noqa: E402
 from models.checkpoint import CARD, WEIGHTS, load_checkpoint  # noqa: E402
-from models.schedules import get_sigmas  # noqa: E402
 
 CHECKPOINTS = ROOT / "checkpoints"
 RESULTS = ROOT / "bench" / "results"
@@ -149,21 +147,19 @@ def run_batched(model, operator, y, *, method: str, params: dict | None = None, 
     Returns ``{"x": [B, C, H, W] float64 numpy (physical), "nfe", "seconds", "config", "diverged"}``;
     a sampler that diverges gives NaNs and ``diverged = True`` instead of raising.
     """
-    cfg = METHODS[method].make_config(params or {})
-    den = model.denoiser
-    plan = Plan(method, cfg, get_sigmas(cfg.schedule, cfg.steps, den.sigma_min, den.sigma_max))
+    plan = make_plan(method, params, model.denoiser)
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
     seeds = list(range(len(y))) if seeds is None else [int(s) for s in seeds]
     t0 = time.perf_counter()
     diverged = False
-    try:
-        run = sample_batch(model, plan, [BatchItem(operator, yi, 1, s) for yi, s in zip(y, seeds)],
-                           noise_sigma=noise_sigma, pde=pde, callback=callback)
-        x, nfe = torch.cat(run.samples).numpy(), run.nfe
+    try:  # the samples alone: the benches complete and score them (run_task_method)
+        run = solve_batch(model, plan, [SolveItem(operator, yi, 1, s) for yi, s in zip(y, seeds)],
+                          noise_sigma=noise_sigma, pde=pde, callback=callback, finishing=False)
+        x, nfe = torch.cat([it.samples for it in run.items]).numpy(), run.nfe
     except DivergedError as e:
         diverged, nfe = True, e.nfe
         x = np.full((len(y),) + tuple(model.card["shape"]), np.nan)
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    config = {k: v for k, v in plan.describe().items() if k != "name"}
     return {"x": x, "nfe": nfe, "seconds": time.perf_counter() - t0, "config": config,
             "diverged": diverged}
 

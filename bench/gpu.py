@@ -51,11 +51,9 @@ if str(ROOT) not in sys.path:
 
 from guidance.core import state_dtype  # noqa: E402
 from guidance.driver import BatchItem, sample_batch  # noqa: E402
-from guidance.registry import METHODS  # noqa: E402
-from guidance.solve import Plan  # noqa: E402
+from guidance.solve import Plan, make_plan  # noqa: E402
 from models.checkpoint import LoadedModel, load_checkpoint  # noqa: E402
 from models.denoiser import NetworkOptions, configure_network  # noqa: E402
-from models.schedules import get_sigmas  # noqa: E402
 from operators.imaging import Inpainting  # noqa: E402
 
 #: Variants of section 1 (``--compile`` adds ``bf16_cl_compile``).
@@ -247,9 +245,7 @@ def inpainting_problem(model, seed: int, frac: float = 0.3):
 
 
 def plan_for(model, name: str, params: dict) -> Plan:
-    cfg = METHODS[name].make_config(params)
-    den = model.denoiser
-    return Plan(name, cfg, get_sigmas(cfg.schedule, cfg.steps, den.sigma_min, den.sigma_max))
+    return make_plan(name, params, model.denoiser)
 
 
 def with_steps(name: str, params: dict, steps: int) -> dict:

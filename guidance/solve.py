@@ -1,20 +1,24 @@
-"""One reconstruction, end to end: physical units in, posterior samples and statistics out.
+"""Reconstruction end to end: physical units in, posterior samples and statistics out.
 
-``solve`` maps the problem into the network's normalized space (``operators.Rescaled``),
-picks the method (the model card's first recommended one by default, with the card's
-tuned parameters under the caller's), runs it with ``num_samples`` samples as one batch
-(``driver.sample_batch``), and maps back. Used by the CLI and the service alike.
+``solve_batch`` is the one composition of the three stages: it runs a ``Plan`` (a method
+resolved against a model: ``plan_method`` with the model card's tuned parameters, ``make_plan``
+without) for a batch of problems through the sampler driver (``driver.sample_batch``: network
+space, one seeded stream per problem) and finishes each problem's samples (``finish``: physics
+completion, then the metrics). ``solve`` is its one-observation case. The CLI, the service's
+worker and the benches all solve through ``solve_batch``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from models.schedules import get_sigmas
+from operators.base import Operator
 from operators.spec import build_pde
 
 from .driver import BatchItem, sample_batch
@@ -58,17 +62,22 @@ class Solution(PosteriorStats):
     metrics: dict = field(default_factory=dict)
 
 
+def make_plan(name: str, params: dict | None, denoiser) -> Plan:
+    """Method ``name`` with exactly ``params`` (the method's defaults for the rest), its noise
+    schedule on ``denoiser``'s sigma range."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    cfg = METHODS[name].make_config(dict(params or {}))
+    return Plan(name, cfg, get_sigmas(cfg.schedule, cfg.steps, denoiser.sigma_min, denoiser.sigma_max))
+
+
 def plan_method(card: dict, denoiser, name: str | None = None, params: dict | None = None) -> Plan:
     """Resolve the method: card default if unnamed; card-tuned parameters under the caller's."""
     recommended = card.get("methods") or [{"name": "fast"}]
     name = name or recommended[0]["name"]
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     tuned = next((dict(m) for m in recommended if m.get("name") == name), {})
     tuned.pop("name", None)
-    cfg = METHODS[name].make_config({**tuned, **(params or {})})
-    sigmas = get_sigmas(cfg.schedule, cfg.steps, denoiser.sigma_min, denoiser.sigma_max)
-    return Plan(name, cfg, sigmas)
+    return make_plan(name, {**tuned, **(params or {})}, denoiser)
 
 
 COMPLETION_MODES = ("auto", "solve", "off")
@@ -175,6 +184,66 @@ def relative_data_residual(operator, y: torch.Tensor, x: torch.Tensor) -> float:
     return float(r / y.norm().clamp_min(1e-30))
 
 
+@dataclass(frozen=True)
+class SolveItem(BatchItem):
+    """A ``BatchItem`` and how to finish its samples: the PDE whose residual is reported (and
+    whose solver completes ``u``; None: no PDE) and the completion mode."""
+
+    pde_metric: Operator | None = None
+    completion: str = "auto"
+
+
+@dataclass
+class ItemSolution:
+    """One item's finished samples (``[num_samples, C, H, W]``, state dtype, physical units) and
+    metrics (non-finite values as None); ``error`` instead when finishing it failed."""
+
+    samples: torch.Tensor | None
+    metrics: dict
+    error: Exception | None = None
+
+
+class BatchSolution(NamedTuple):
+    items: list[ItemSolution]
+    nfe: int  # network calls (each served every row of the batch)
+    seconds: float  # sampler time
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """Non-finite metrics (a diverged sample's residual) as None (JSON has no NaN)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+def finish_item(model, item: SolveItem, x_phys: torch.Tensor, noise_sigma: float) -> ItemSolution:
+    """``finish`` for one item; an exception becomes the item's ``error``."""
+    try:
+        x_phys, metrics = finish(model, item.operator, item.y, x_phys, item.pde_metric, item.completion, noise_sigma)
+    except Exception as e:  # noqa: BLE001 - the caller decides (the worker fails that job alone)
+        return ItemSolution(None, {}, e)
+    return ItemSolution(x_phys, finite_metrics(metrics))
+
+
+def solve_batch(model, plan: Plan, items: list[SolveItem], *, noise_sigma: float = 0.0, pde=None,
+                shared_svd: bool = False, device: str | torch.device = "cpu", callback=None,
+                dtype: torch.dtype | str | None = None, finishing: bool = True) -> BatchSolution:
+    """Sample ``plan`` for every item in one batch (``driver.sample_batch``: its arguments), then
+    finish each item (``finish``). The sampler's errors (``DivergedError``, ...) pass through;
+    an item whose finishing fails carries the error. ``finishing=False`` returns the raw
+    samples with no metrics (benches that score the samples themselves)."""
+    run = sample_batch(model, plan, list(items), noise_sigma=noise_sigma, pde=pde, shared_svd=shared_svd,
+                       device=device, callback=callback, dtype=dtype)
+    if not finishing:
+        return BatchSolution([ItemSolution(x, {}) for x in run.samples], run.nfe, run.seconds)
+    done = [finish_item(model, it, x, noise_sigma) for it, x in zip(items, run.samples)]
+    return BatchSolution(done, run.nfe, run.seconds)
+
+
+def card_pde(model, pde=None):
+    """The PDE whose residual a result reports: the requested one, else the model card's."""
+    spec = model.card.get("pde")
+    return pde if pde is not None or not spec else build_pde(None, tuple(model.card["shape"]), spec)
+
+
 def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str | None = None,
           params: dict | None = None, num_samples: int = 1, seed: int = 0, callback=None,
           device: str | torch.device = "cpu", completion: str = "auto") -> Solution:
@@ -186,9 +255,9 @@ def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64, device=device)
     if operator.linear:
         y = operator.observed(y[None])[0]
-    run = sample_batch(model, plan, [BatchItem(operator, y, num_samples, seed)], noise_sigma=noise_sigma,
-                       pde=pde, device=device, callback=callback)
-    card_pde = model.card.get("pde")
-    pde_metric = pde if pde is not None or not card_pde else build_pde(None, tuple(model.card["shape"]), card_pde)
-    x_phys, metrics = finish(model, operator, y, run.samples[0], pde_metric, completion, noise_sigma)
-    return Solution(x_phys.float().cpu().numpy(), run.nfe, run.seconds, int(seed), plan.describe(), metrics)
+    item = SolveItem(operator, y, num_samples, seed, card_pde(model, pde), completion)
+    run = solve_batch(model, plan, [item], noise_sigma=noise_sigma, pde=pde, device=device, callback=callback)
+    out = run.items[0]
+    if out.error is not None:
+        raise out.error
+    return Solution(out.samples.float().cpu().numpy(), run.nfe, run.seconds, int(seed), plan.describe(), out.metrics)

@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .deps import State
-from .jobs import JobManager
+from .job import JobsError
+from .worker import JobManager
 from .errors import STATUS_CODES, ApiError, error_body, scrub
 from .routers import catalogue, docs, health, jobs
 from .settings import Settings
@@ -62,6 +63,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(JobsError)
+    async def _jobs_error(request: Request, exc: JobsError):
+        return await _api_error(request, jobs.http_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -107,15 +108,16 @@ def cmd_solve(args) -> int:
 
 def _solve_locally(body: dict, args, progress) -> dict:
     """The request as the server would run it alone: ``prepare`` (every check the server makes),
-    the sampler driver, completion and metrics; torch threads as the server's default."""
+    then ``guidance.solve.solve_batch`` (sampling, completion, metrics); torch threads as the
+    server's default."""
     import torch
 
-    from guidance.driver import BatchItem, sample_batch
+    from guidance.registry import METHODS
+    from guidance.solve import solve_batch
     from models.checkpoint import load_models
     from operators.spec import OPERATORS
-    from guidance.registry import METHODS
-    from service.problem import finish_problem
     from service.prepare import prepare
+    from service.problem import solve_item
     from service.schemas import make_request_model
     from service.settings import Settings
 
@@ -124,13 +126,15 @@ def _solve_locally(body: dict, args, progress) -> dict:
     models = load_models(settings.checkpoints_dir, *([args.models] if args.models else []))
     p = prepare(body, make_request_model(list(OPERATORS), list(METHODS)), models, settings)
     with torch.no_grad():
-        run = sample_batch(p.model, p.plan, [BatchItem(p.operator, p.y, p.num_samples, p.seed)],
-                           noise_sigma=p.noise_sigma, pde=p.pde, device=settings.device, callback=progress)
-        x, metrics = finish_problem(p, run.samples[0])
-    samples = x.float().cpu().numpy()
+        run = solve_batch(p.model, p.plan, [solve_item(p)], noise_sigma=p.noise_sigma, pde=p.pde,
+                          device=settings.device, callback=progress)
+    out = run.items[0]
+    if out.error is not None:
+        raise out.error
+    samples = out.samples.float().cpu().numpy()
     return {"mean": samples.mean(0), "std": samples.std(0, ddof=1) if len(samples) > 1 else None,
             "samples": samples, "nfe": run.nfe, "elapsed_s": run.seconds, "seed": p.seed,
-            "method": p.plan.describe(), "metrics": metrics, "model": p.model_id}
+            "method": p.plan.describe(), "metrics": out.metrics, "model": p.model_id}
 
 
 def cmd_serve(args) -> int:
@@ -179,14 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     s = sub.add_parser("solve", help="reconstruct from an observation (locally, or with --server)")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="the model id (see `reconserve models`)")
     s.add_argument("--operator", required=True, help="operator JSON (arrays as lists, {'npy': b64} or file paths)")
     s.add_argument("--observation", required=True, help=".npy, .png or .tif")
     s.add_argument("--method", default=None, help="fast, dps, ald, diffusion_pde (default: the model card's)")
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--samples", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--noise-sigma", type=float, default=0.0)
+    s.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (method.steps; default: the model card's for the method)")
+    s.add_argument("--samples", type=int, default=1, help="posterior samples to draw (num_samples) [1]")
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples [0]")
+    s.add_argument("--noise-sigma", type=float, default=0.0,
+                   help="standard deviation of the observation noise, physical units [0]")
     s.add_argument("--pde", default=None, help="add the model's PDE residual term, e.g. darcy")
     s.add_argument("--completion", default="auto", choices=["auto", "solve", "off"],
                    help="PDE models: re-solve u from each sample's a (auto: when u is unobserved)")
@@ -196,12 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the server's, RECONSERVE_TORCH_THREADS, 1)")
     s.add_argument("--server", default=None, help="send to a reconserve server at this URL instead")
-    s.add_argument("--api-key", default=None)
+    s.add_argument("--api-key", default=None, help="with --server: the server's API key (X-API-Key)")
     s.set_defaults(func=cmd_solve)
 
     v = sub.add_parser("serve", help="start the HTTP server")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="the address to listen on [127.0.0.1]")
+    v.add_argument("--port", type=int, default=8000, help="the port to listen on [8000]")
     v.add_argument("--models", default=None, help="an extra folder of checkpoints")
     v.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: RECONSERVE_DEVICE, else auto)")
     v.add_argument("--data-dir", default=None,
@@ -235,22 +241,44 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     i.set_defaults(func=cmd_import)
 
-    try:
-        from models.train import add_train_arguments, run_train
-        t = sub.add_parser("train", help="train a prior (EDM score matching), resumable")
-        add_train_arguments(t)
-        t.set_defaults(func=lambda a: (run_train(a), 0)[1])
-        from models.data import add_data_arguments, run_data
-        d = sub.add_parser("data", help="generate a data set as .npy shards")
-        add_data_arguments(d)
-        d.set_defaults(func=lambda a: (run_data(a), 0)[1])
-    except ImportError:  # pragma: no cover - training extras missing
-        pass
+    for name, (_, _, _, text) in DELEGATED.items():
+        # their arguments are read when they run (``reconserve train --help`` lists them)
+        d = sub.add_parser(name, help=text, add_help=False, description=f"{text}; see `reconserve {name} --help`")
+        d.set_defaults(func=_delegated(name), delegated=True)
     return p
 
 
+#: Subcommands whose arguments live beside their code in ``models`` (module, the function adding
+#: the arguments, the one running them, help): their parser is built when they run, so that the
+#: other commands' ``--help`` import no training code (nor torch).
+DELEGATED = {
+    "train": ("models.train", "add_train_arguments", "run_train",
+              "train a prior (EDM score matching), resumable"),
+    "data": ("models.data", "add_data_arguments", "run_data", "generate a data set as .npy shards"),
+}
+
+
+def _delegated(name: str):
+    def run(args, rest: list[str]) -> int:
+        module, add, run_it, text = DELEGATED[name]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:  # pragma: no cover - training extras missing
+            print(f"reconserve {name}: needs the training extras ({e})", file=sys.stderr)
+            return 2
+        parser = getattr(mod, add)(argparse.ArgumentParser(prog=f"reconserve {name}", description=text))
+        getattr(mod, run_it)(parser.parse_args(rest))
+        return 0
+    return run
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "delegated", False):
+        return int(args.func(args, rest) or 0)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.func(args) or 0)
 
 

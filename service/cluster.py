@@ -20,7 +20,9 @@ import threading
 import time
 from typing import Awaitable, Callable
 
-from .jobs import Job, JobsBase, Reservation, _cancelled_error, now_iso
+from .admission import Reservation
+from .job import Job, cancelled_error, now_iso
+from .jobs import JobsBase
 from .metrics import ServiceMetrics
 from .schemas import TERMINAL
 from .store import JobStore
@@ -119,7 +121,7 @@ class ClusterJobs(JobsBase):
         job = self.get(job_id)
         if job is None or job.terminal:
             return job
-        if not self.store.cancel_queued(job_id, _cancelled_error(), now_iso()):
+        if not self.store.cancel_queued(job_id, cancelled_error(), now_iso()):
             self.store.request_cancel(job_id)
         self._refresh([job])
         return job
@@ -151,7 +153,7 @@ class ClusterJobs(JobsBase):
         """Release the jobs of workers that stopped renewing their lease, and hand over every
         queued job no worker holds and this ingress has not handed over. Returns the count."""
         for rec in self.store.stale(time.time() - self.settings.lease_s):
-            if self.store.release(rec.id, rec.owner, _cancelled_error(), now_iso()):
+            if self.store.release(rec.id, rec.owner, cancelled_error(), now_iso()):
                 log.warning("job %s: worker %s stopped renewing its lease; the job runs again", rec.id, rec.owner)
         orphans = self.store.unclaimed()
         with self._cond:

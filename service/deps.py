@@ -16,7 +16,9 @@ from operators.spec import OPERATORS
 
 from . import schemas
 from .errors import ApiError, scrub
-from .jobs import Job, JobManager, shutting_down_error
+from .admission import ShuttingDown
+from .job import Job
+from .worker import JobManager
 from .metrics import ServiceMetrics
 from .prepare import prepare
 from .settings import Settings
@@ -114,7 +116,7 @@ async def require_key(request: Request, state: State = Depends(get_state)) -> No
 
 async def require_ready(state: State = Depends(get_state)) -> None:
     if state.shutting_down:
-        raise shutting_down_error()
+        raise ShuttingDown()
     if not state.ready:
         raise ApiError(503, "not_ready", state.load_error or
                        "the service is starting (loading models); retry in a few seconds",

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from guidance.solve import Plan, finish
+from guidance.solve import Plan, SolveItem
 from operators.base import Operator
 
 
@@ -59,7 +58,7 @@ class Problem:
     num_samples: int
     seed: int
     returns: tuple[str, ...]
-    svd_available: bool = False
+    exclusive: bool = False  # only jobs with this very operator share a run (the method's rule)
     completion: str = "auto"
     cost: float = 0.0  # admission cost (prepare.job_cost)
 
@@ -80,12 +79,26 @@ class Problem:
                 float(self.noise_sigma), self.pde_digest, op.kind, tuple(op.obs_shape),
                 bool(op.linear), getattr(op, "row_gram", None), bool(op.channel_separable),
                 type(op).__name__,
-                # projection ALD works in the operator's SVD basis: only identical operators share it
-                self.operator_digest if self.svd_available and self.plan.name == "ald" else None)
+                self.operator_digest if self.exclusive else None)
 
 
-def finish_problem(p: Problem, x_phys: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """``guidance.solve.finish`` (completion, metrics of the mean), non-finite metrics as None."""
-    x_phys, metrics = finish(p.model, p.operator, p.y, x_phys, p.pde_metric, p.completion, p.noise_sigma)
-    return x_phys, {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+def solve_item(p: Problem) -> SolveItem:
+    """The problem as ``guidance.solve.solve_batch`` takes it (samples, seed, how to finish)."""
+    return SolveItem(p.operator, p.y, p.num_samples, p.seed, p.pde_metric, p.completion)
 
+
+def observation_view(p: Problem) -> np.ndarray | None:
+    """The observation in image space (what ``result.png`` shows beside the mean): itself, or
+    ``A^+ y`` for linear operators; None otherwise."""
+    op, y = p.operator, p.y
+    if op is None:
+        return None
+    if tuple(y.shape) == tuple(op.in_shape):
+        return y.numpy()
+    if getattr(op, "linear", False):
+        try:
+            with torch.no_grad():
+                return op.pseudo_inverse(y[None].to(torch.float64))[0].numpy()
+        except Exception:  # noqa: BLE001 - a picture without the observation is still a picture
+            return None
+    return None

@@ -44,7 +44,7 @@ class Worker:
 
     def __init__(self, overrides: dict[str, Any]):
         from .deps import State
-        from .jobs import JobManager
+        from .worker import JobManager
 
         settings = replica_settings(overrides)
         replica = serve.get_replica_context().replica_id.unique_id

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 # viridis at 6 anchors (enough for a readable ramp)
@@ -39,23 +38,6 @@ def gray(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def _blank(h: int, w: int) -> np.ndarray:
     return np.full((h, w, 3), 40, dtype=np.uint8)
-
-
-def observation_view(problem) -> np.ndarray | None:
-    """The observation in image space: itself, or ``A^+ y`` for linear operators."""
-    op, y = problem.operator, problem.y
-    if op is None:
-        return None
-    in_shape = tuple(op.in_shape)
-    if tuple(y.shape) == in_shape:
-        return y.numpy()
-    if getattr(op, "linear", False):
-        try:
-            with torch.no_grad():
-                return op.pseudo_inverse(y[None].to(torch.float64))[0].numpy()
-        except Exception:  # noqa: BLE001 - a picture without the observation is still a picture
-            return None
-    return None
 
 
 def _label(v: float) -> str:
@@ -103,7 +85,7 @@ def _grid(rows: list[list[np.ndarray]], labels: list[str],
 
 
 def render_png(card: dict, res) -> bytes:
-    """The picture of a result (``service.jobs.JobResult``) of a model with ``card``."""
+    """The picture of a result (``service.job.JobResult``) of a model with ``card``."""
     mean, std = res.mean.astype(np.float64), res.std
     obs = res.observation_view
     c, h, w = mean.shape
