@@ -6,7 +6,7 @@ STAMP   := .venv/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: setup test serve clean lock
+.PHONY: setup test test-fast serve clean lock
 
 # requirements.lock pins every dependency (the image installs from it too)
 $(STAMP): pyproject.toml requirements.lock
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 
+# everything (CI); test-fast leaves out the tests marked slow (server processes, Ray, PostgreSQL,
+# browser, image and wheel builds, training, anything over ~5 s) and the GPU ones
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not cuda" tests
 
 serve: $(STAMP)
 	.venv/bin/reconserve serve --host $(HOST) --port $(PORT)

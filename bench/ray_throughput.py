@@ -32,7 +32,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "service"))
 
 from bench.common import (RESULTS, Server, atomic_write_json, environment, make_jobs, run_concurrent,  # noqa: E402
                           snapshot_checkpoints)
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
     with ExitStack() as stack:
         digests = snapshot_checkpoints(model_ids, tmp / "models")
         models_dir = tmp / "models" if digests else None
-        from postgres import fresh_database, postgres_url
+        from tests.helpers.postgres import fresh_database, postgres_url
 
         pg = stack.enter_context(postgres_url())  # None: no server here, the replicas share SQLite
         report["store"] = "postgresql" if pg else "sqlite"

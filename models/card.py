@@ -9,6 +9,7 @@ and the recommended methods with their parameters.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,11 @@ DEFAULT_METHODS = [{"name": "fast", "steps": 50}]
 
 class CheckpointError(ValueError):
     pass
+
+
+def utc_now() -> str:
+    """The time a card records (imported, started, updated): UTC, ISO 8601, whole seconds."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def read_card(folder: str | Path) -> dict:

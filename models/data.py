@@ -28,7 +28,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-KINDS = ("darcy", "poisson", "helmholtz", "phantom")
+from .cli_args import KINDS, add_data_arguments  # noqa: F401 (re-exported: reconserve data)
+
 PDE_KINDS = ("darcy", "poisson", "helmholtz")
 DARCY_LOW, DARCY_HIGH = 3.0, 12.0
 _CHUNK = 256  # samples generated at once (bounds memory)
@@ -389,18 +390,8 @@ def load_meta(path: str | Path) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``reconserve data``: write a seeded data set as ``.npy`` shards plus ``meta.json``."""
-    parser.add_argument("kind", choices=KINDS, help="which data set to generate")
-    parser.add_argument("--num", type=int, default=1000, help="number of examples")
-    parser.add_argument("--resolution", "-n", type=int, default=64, help="grid size N (N x N nodes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output folder (default data/<kind>-<N>)")
-    parser.add_argument("--shard-size", type=int, default=1000)
-    return parser
-
-
 def run_data(args: argparse.Namespace) -> Path:
+    """``reconserve data`` (arguments: :func:`models.cli_args.add_data_arguments`)."""
     out = Path(args.out) if args.out else Path("data") / f"{args.kind}-{args.resolution}"
     write_shards(args.kind, args.num, args.resolution, args.seed, out, args.shard_size)
     print(f"wrote {args.num} {args.kind} examples ({args.resolution}x{args.resolution}) to {out}")

@@ -5,7 +5,6 @@ Used by the formats of :mod:`models.formats`; builds on :mod:`models.card` only.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import pickle
@@ -34,10 +33,6 @@ CONVERT_HINT = (
 
 class PickledCheckpointError(CheckpointError):
     """A checkpoint that holds pickled code, or is not a plain state dict."""
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def sha256_file(path: str | Path) -> str:

@@ -40,9 +40,9 @@ import torch
 from safetensors.torch import load_file
 
 from .card import (CARD, DEFAULT_METHODS, WEIGHTS, CheckpointError, build_network, read_card,  # noqa: F401
-                   save_checkpoint, wrap_network)
+                   save_checkpoint, utc_now, wrap_network)
 from .denoiser import Denoiser, VPDenoiser
-from .format_io import (TORCH_SUFFIXES, PickledCheckpointError, utc_now, prepare_out, image_card,  # noqa: F401
+from .format_io import (TORCH_SUFFIXES, PickledCheckpointError, image_card, prepare_out,  # noqa: F401
                         load_state_dict_file, read_config, refuse_pickle, sha256_file, vp_alphas_cumprod)
 
 __all__ = ["FORMATS", "ModelFormat", "PickledCheckpointError", "detect_format", "import_model", "load_denoiser",

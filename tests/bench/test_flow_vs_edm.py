@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from bench import flow_vs_edm
+from models.checkpoint import load_checkpoint
 
-from bench import flow_vs_edm  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _have(rev: str) -> bool:

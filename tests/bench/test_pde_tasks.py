@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from bench import pde_tasks  # noqa: E402
-from bench.common import CHECKPOINTS  # noqa: E402
-from models.checkpoint import CARD, build_network, save_checkpoint  # noqa: E402
+from bench import pde_tasks
+from bench.common import CHECKPOINTS
+from models.checkpoint import CARD, build_network, save_checkpoint
 
 N = 64
 A_SCALE = 76742.78870865691  # the training set's factor (runs/poisson-64/data_meta.json); any value works

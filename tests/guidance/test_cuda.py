@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import gpu as gpu_bench
 from guidance.core import CHECK_EVERY, SplitGenerator, make_generator
 from guidance.driver import BatchItem, sample_batch
 from guidance.exact import dense_matrix, gaussian_posterior
@@ -26,9 +27,6 @@ from models.grf import GRFDenoiser
 from models.schedules import get_sigmas
 from operators.base import LinearOperator
 from operators.imaging import Blur, Inpainting
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: bench/ is not a package on the path
-from bench import gpu as gpu_bench  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 

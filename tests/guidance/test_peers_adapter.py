@@ -15,13 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
-
-from bench import peers  # noqa: E402
-from bench.phantom_tasks import SHAPE, TASKS, task_spec  # noqa: E402
-from operators.spec import build_operator  # noqa: E402
+from bench import peers
+from bench.phantom_tasks import SHAPE, TASKS, task_spec
+from operators.spec import build_operator
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.classical import biharmonic_inpaint, psnr  # noqa: E402
-from bench.common import held_out_darcy, held_out_phantoms, run_batched  # noqa: E402
-from guidance.registry import METHODS  # noqa: E402
-from models.checkpoint import (REQUIRED_CARD_KEYS, LoadedModel, build_network, load_models,  # noqa: E402
+from bench.classical import biharmonic_inpaint, psnr
+from bench.common import held_out_darcy, held_out_phantoms, run_batched
+from guidance.registry import METHODS
+from models.checkpoint import (REQUIRED_CARD_KEYS, LoadedModel, build_network, load_models,
                                wrap_network)
-from operators.spec import build_operator, build_pde  # noqa: E402
+from operators.spec import build_operator, build_pde
 
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"
 FOLDERS = sorted(p.parent for p in CHECKPOINTS.glob("*/card.json"))
 EMBEDDED = {"phantom-64", "darcy-64", "phantom-flow-64", "poisson-64", "helmholtz-64"}

@@ -228,8 +228,7 @@ def test_each_format_serves_over_http(imported, tmp_path):
 
 def test_real_server_serves_an_imported_folder(imported):
     """`reconserve serve --models DIR` (RECONSERVE_MODELS_DIR) in its own process, one request."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-    from svc_helpers import start_server, stop_server
+    from tests.helpers.server import start_server, stop_server
 
     from service.client import Client
 

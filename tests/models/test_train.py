@@ -216,7 +216,7 @@ def test_flow_objective_trains_resumes_and_serves(tmp_path):
 
 def test_flow_loss_is_smallest_at_the_exact_velocity():
     # x0 ~ N(0, sd^2 I): the exact velocity E[z - x0 | x_t] is linear in x_t; perturbing it costs loss
-    from models.train import flow_loss
+    from models.trainer import flow_loss
     from models.denoiser import FlowDenoiser
     sd = 0.5
 
@@ -235,3 +235,23 @@ def test_flow_loss_is_smallest_at_the_exact_velocity():
     losses = [float(flow_loss(FlowDenoiser(Exact(b), (1, 4, 4)), x, torch.Generator().manual_seed(0)))
               for b in (0.0, 0.05, -0.05)]
     assert losses[0] < min(losses[1:])
+
+
+def test_cli_arguments_parse_without_torch_and_all_have_help():
+    """``reconserve train --help`` / ``data --help`` read these before torch is imported: their module
+    imports neither torch nor numpy, and every option says what it does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import argparse, sys\n"
+            "from models.cli_args import add_data_arguments, add_train_arguments\n"
+            "missing = []\n"
+            "for add in (add_train_arguments, add_data_arguments):\n"
+            "    p = add(argparse.ArgumentParser())\n"
+            "    missing += [a.dest for a in p._actions if not a.help]\n"
+            "print(missing, sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n")
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "[] []", p.stdout

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from models import data as D
-from models.train import Trainer, _augment_mode
+from models.trainer import Trainer, augment_mode
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("darcy-64", "phantom-64")
@@ -44,7 +44,7 @@ def _resume_one_step(folder: Path) -> None:
     tr.load_scalars(st)
     before = {k: v.clone() for k, v in tr.net.state_dict().items()}
     x = torch.randn(4, *card["shape"]) * 0.5
-    loss = tr.train_step(x, _augment_mode(st["config"], st["kind"]))
+    loss = tr.train_step(x, augment_mode(st["config"], st["kind"]))
     assert np.isfinite(loss) and tr.step == st["step"] + 1
     assert any(not torch.equal(before[k], v) for k, v in tr.net.state_dict().items())
     packed = tr.pack()

@@ -3,9 +3,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from svc_helpers import MODELS
-
-
+from tests.helpers.postgres import postgres_url
+from tests.helpers.service import MODELS
 
 
 @pytest.fixture
@@ -37,9 +36,7 @@ def client(make_client):
 
 @pytest.fixture(scope="session")
 def pg_url():
-    """A PostgreSQL server's URL (tests/service/postgres.py); the test is skipped without one."""
-    from postgres import postgres_url
-
+    """A PostgreSQL server's URL (tests/helpers/postgres.py); the test is skipped without one."""
     with postgres_url() as url:
         if url is None:
             pytest.skip("no PostgreSQL server here: install Debian's postgresql or set "

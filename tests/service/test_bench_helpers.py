@@ -8,11 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import common  # noqa: E402
+from bench import common
 
 
 def test_the_service_benches_share_one_copy_of_each_helper():

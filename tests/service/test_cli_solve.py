@@ -9,7 +9,8 @@ from PIL import Image
 from guidance.solve import solve
 from operators.spec import build_operator
 from service.cli import main
-from svc_helpers import MODELS, start_server, stop_server
+from tests.helpers.server import start_server, stop_server
+from tests.helpers.service import MODELS
 
 
 @pytest.fixture

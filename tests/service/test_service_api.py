@@ -14,7 +14,7 @@ from guidance.solve import solve
 from operators import DarcyResidual
 from service.app import create_app
 from service.settings import Settings
-from svc_helpers import MASK, MODELS, OBS, body, decode, npy_b64, wait_status
+from tests.helpers.service import MASK, MODELS, OBS, body, decode, npy_b64, wait_status
 
 ERROR_STATUSES = (401, 404, 409, 413, 422, 429, 503)
 

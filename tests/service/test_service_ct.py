@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from operators import build_operator
-from svc_helpers import decode, npy_b64, wait_status
+from tests.helpers.service import decode, npy_b64, wait_status
 
 CT = {"kind": "ct", "angles": 24}
 

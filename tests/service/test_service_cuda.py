@@ -9,7 +9,7 @@ import torch
 from guidance.solve import solve
 from models.checkpoint import LoadedModel, default_checkpoint_dir, load_checkpoint
 from operators.spec import build_operator
-from svc_helpers import MASK, OBS, body, decode, make_models, npy_b64, wait_status
+from tests.helpers.service import MASK, OBS, body, decode, make_models, npy_b64, wait_status
 
 pytestmark = pytest.mark.cuda
 

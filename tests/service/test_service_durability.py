@@ -9,44 +9,18 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
-from guidance.solve import solve
-from operators.spec import build_operator
-from svc_helpers import MASK, MODELS, OBS, body, decode, start_server, stop_server
+from tests.helpers.polling import wait_until
+from tests.helpers.server import LONG, done, solo, start_server, stop_server, submit, wait_for
+from tests.helpers.service import body, decode, metric
 
-LONG = {"name": "dps", "steps": 2500}  # 0.7-2.5 s a job (2 samples) here, by how busy the machine is
-#: The SIGTERM test sends the signal over a second after the job passed step 50: the job must still be
-#: running then, on a quiet machine too (with LONG it had finished there once, and the stream ended
-#: with its final status instead of the shutdown one). 5000 steps of 16 samples: 4 s or more.
+pytestmark = pytest.mark.slow  # real server processes, killed and restarted
+
+#: The SIGTERM test signals once the job is past step 50 and its stream and a waiting
+#: ``/v1/reconstruct`` are in place (waited for as states, no sleep): the job must still be running
+#: then, i.e. outlast a few polls. 5000 steps of 16 samples: 4 s or more, a wide margin.
 LONGER, LONGER_SAMPLES = {"name": "dps", "steps": 5000}, 16
-
-
-def solo(seed: int, method: dict, num_samples: int = 2) -> np.ndarray:
-    """The samples an uninterrupted library run gives."""
-    params = {k: v for k, v in method.items() if k != "name"}
-    op = build_operator({"kind": "inpainting", "mask": MASK}, (1, 32, 32))
-    return solve(MODELS["grf-32"], op, OBS * MASK, method=method["name"], params=params,
-                 num_samples=num_samples, seed=seed).samples
-
-
-def submit(http, **kw) -> str:
-    r = http.post("/v1/jobs", json=body(**{"return": ["mean", "samples"]}, **kw))
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def wait_for(http, job_id, pred, timeout=120.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        st = http.get(f"/v1/jobs/{job_id}").json()
-        if pred(st):
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id}: {st}")
-
-
-def done(st):
-    return st["status"] in ("succeeded", "failed", "cancelled")
 
 
 def test_kill_9_then_restart_loses_nothing(tmp_path):
@@ -87,6 +61,8 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
             running = submit(http, seed=7, method=LONGER, num_samples=LONGER_SAMPLES)
             wait_for(http, running, lambda st: st["status"] == "running" and st["progress"]["step"] > 50)
 
+            streaming = threading.Event()
+
             def stream():
                 with httpx.stream("GET", f"{url}/v1/jobs/{running}/events", timeout=30) as r:
                     kind = None
@@ -95,6 +71,7 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
                             kind = line[6:].strip()
                         elif line.startswith("data:"):
                             events.append((kind, json.loads(line[5:])))
+                            streaming.set()
 
             def reconstruct():
                 r = httpx.post(f"{url}/v1/reconstruct", timeout=30,
@@ -105,7 +82,10 @@ def test_sigterm_drains_answers_waiters_and_resumes(tmp_path):
             threads = [threading.Thread(target=f) for f in (stream, reconstruct)]
             for t in threads:
                 t.start()
-            time.sleep(1.0)
+            assert streaming.wait(30), "no event on the job's stream"
+            # the synchronous request is in: its job waits behind the running one (max batch 1)
+            wait_until(lambda: metric(http, "reconserve_queue_depth"), lambda n: n >= 1, timeout=30,
+                       what="the /v1/reconstruct job queued")
             assert http.get(f"/v1/jobs/{running}").json()["status"] == "running"  # what the test is about
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)

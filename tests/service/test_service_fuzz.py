@@ -40,7 +40,7 @@ from schemathesis.python.asgi import shutdown_lifespans  # noqa: E402
 from models.checkpoint import LoadedModel  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from svc_helpers import MASK, MODELS, OBS, body, npy_b64  # noqa: E402
+from tests.helpers.service import MASK, MODELS, OBS, body, npy_b64  # noqa: E402
 
 #: Generated cases per operation and phase, and the seed; a deeper local run:
 #: ``RECONSERVE_FUZZ_EXAMPLES=1000 RECONSERVE_FUZZ_SEED=7 pytest tests/service/test_service_fuzz.py``.

@@ -1,36 +1,10 @@
 """Jobs: queue limits, events, cancellation, deadlines, divergence, batching."""
 import json
-import re
-import time
 
 import numpy as np
 import pytest
 
-from svc_helpers import OBS, body, decode, npy_b64, wait_status
-
-
-def slow(steps=200, **kw):
-    """A job on the slowed-down grf copy (20 ms per step): stays running for a while."""
-    return body(model="slow-32", method={"name": "fast", "steps": steps}, num_samples=1, **kw)
-
-
-def wait_running(client, job_id, min_step=1, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        st = client.get(f"/v1/jobs/{job_id}").json()
-        if st["status"] == "running" and st["progress"]["step"] >= min_step:
-            return st
-        assert st["status"] in ("queued", "running"), st
-        time.sleep(0.02)
-    raise AssertionError("job did not start")
-
-
-def metric(client, name, **labels) -> float:
-    text = client.get("/metrics").text
-    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pat = re.escape(name) + (r"\{" + re.escape(sel) + r"\}" if sel else r"(\{\})?") + r" ([0-9.e+-]+)"
-    m = re.search(pat, text)
-    return float(m.group(1)) if m else 0.0
+from tests.helpers.service import OBS, body, decode, metric, npy_b64, slow, wait_running, wait_status
 
 
 # ----------------------------------------------------------------------------- lifecycle

@@ -15,7 +15,7 @@ from PIL import Image
 
 from guidance.registry import METHODS
 from operators.spec import OPERATORS
-from svc_helpers import MASK, body, decode, npy_b64
+from tests.helpers.service import MASK, body, decode, npy_b64
 
 
 def assert_error(r, status, code=None):
@@ -147,7 +147,7 @@ def test_per_channel_weights_with_a_channel_mixing_operator_are_refused(client, 
 
 
 def test_per_channel_weights_from_the_card_are_named_as_such(make_client):
-    from svc_helpers import MODELS
+    from tests.helpers.service import MODELS
     from models.checkpoint import LoadedModel
     toy = MODELS["toy-darcy-16"]
     card = dict(toy.card, id="toy-tuned", methods=[{"name": "fast", "steps": 2, "zeta_obs": [1.0, 100.0]}])

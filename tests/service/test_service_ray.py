@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from postgres import fresh_database
-from svc_helpers import body, decode, server_log, start_server, stop_server
-from test_service_durability import LONG, done, solo, submit, wait_for
+from tests.helpers.postgres import fresh_database
+from tests.helpers.server import LONG, done, server_log, solo, start_server, stop_server, submit, wait_for
+from tests.helpers.service import body, decode
 
 pytest.importorskip("ray.serve")
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from models.checkpoint import LoadedModel
 from service.render import BAR_H, GAP, HEADER
-from svc_helpers import MODELS, WhiteDenoiser, decode, npy_b64, wait_status
+from tests.helpers.service import MODELS, WhiteDenoiser, decode, npy_b64, wait_status
 
 H = W = 256
 RGB_CARD = {

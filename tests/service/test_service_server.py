@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from service.client import Client, ServiceError
-from svc_helpers import start_server, stop_server
+from tests.helpers.server import start_server, stop_server
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from service.protocols import http_protocol
-from svc_helpers import free_port, server_log, start_server, stop_server
+from tests.helpers.server import free_port, server_log, start_server, stop_server
 
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
 

@@ -9,15 +9,14 @@ import sqlalchemy as sa
 
 from guidance.registry import METHODS
 from operators.spec import OPERATORS
-from postgres import fresh_database
 from service import schemas
 from service import store as store_mod
 from service.jobs import JobManager, _cancelled_error, now_iso
 from service.prepare import admit, build
 from service.settings import Settings
 from service.store import JobStore
-from svc_helpers import MODELS, body, wait_status
-from test_service_jobs import slow, wait_running
+from tests.helpers.postgres import fresh_database
+from tests.helpers.service import MODELS, body, slow, wait_running, wait_status
 
 
 def test_results_survive_a_restart_on_the_same_data_dir(make_client, tmp_path):

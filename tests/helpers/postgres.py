@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 
 
@@ -39,8 +38,7 @@ def postgres_url():
     subprocess.run(run_as + [pg_ctl, "-D", db, "-l", os.path.join(tmp, "log"), "-w", "start",
                              "-o", f"-k {tmp} -p {port} -c listen_addresses=''"], check=True,
                    capture_output=True, cwd=tmp)
-    try:
-        time.sleep(0.2)
+    try:  # pg_ctl -w returned once the server accepts connections
         yield f"postgresql+psycopg://postgres@/postgres?host={tmp}&port={port}"
     finally:
         subprocess.run(run_as + [pg_ctl, "-D", db, "-m", "immediate", "stop"], capture_output=True, cwd=tmp)
