@@ -43,6 +43,7 @@ def poisson_checkpoint(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "poisson-tiny")
 
 
+@pytest.mark.slow  # a bench's smoke run end to end: 20 s on a busy 2-core machine
 def test_smoke_runs_and_gives_finite_numbers(poisson_checkpoint, tmp_path):
     out = tmp_path / "tasks.json"
     data = pde_tasks.main(["--model", str(poisson_checkpoint), "--smoke", "--threads", "1", "--quiet",

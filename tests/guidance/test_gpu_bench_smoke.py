@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,6 +46,7 @@ def test_gpu_bench_skips_adm_without_deepinv(monkeypatch):
                               "skipped": "deepinv does not import here (test)"}]
 
 
+@pytest.mark.slow
 def test_gpu_device_script_smoke(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
     p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_device.sh"), "--smoke"], cwd=ROOT, env=env,

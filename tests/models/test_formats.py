@@ -226,6 +226,7 @@ def test_each_format_serves_over_http(imported, tmp_path):
             assert r.status_code == 200 and r.json()["method"]["steps"] == 50, r.text[:300]
 
 
+@pytest.mark.slow
 def test_real_server_serves_an_imported_folder(imported):
     """`reconserve serve --models DIR` (RECONSERVE_MODELS_DIR) in its own process, one request."""
     from tests.helpers.server import start_server, stop_server

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from models.checkpoint import load_checkpoint
 from models.train import add_train_arguments, run_train
 
+pytestmark = pytest.mark.slow  # trains models
+
 TINY = ["--threads", "1", "--resolution", "16", "--base-channels", "8", "--channel-mult", "1,2", "--batch", "4",
         "--num-examples", "12", "--log-every", "1"]
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -51,6 +52,7 @@ def _resume_one_step(folder: Path) -> None:
     assert packed["rng.cpu"].dtype == torch.uint8 and all(v.device.type == "cpu" for v in packed.values())
 
 
+@pytest.mark.slow
 def test_train_device_smoke(tmp_path):
     dest = tmp_path / "ck"  # a copy of the checkpoints before the run: the fetch target
     for m in MODELS:
@@ -124,6 +126,7 @@ def test_files_over_the_transfer_limit_travel_gzipped(tmp_path, monkeypatch):
     assert not (tmp_path / "empty").exists()
 
 
+@pytest.mark.slow
 def test_train_device_smoke_keeps_the_flow_objective(tmp_path):
     """Any committed prior trains on the device, the flow-matching one included: its state resumes as flow
     (the trainer refuses to switch objectives on resume) and the returned card still says so."""

@@ -51,6 +51,7 @@ def test_bad_input_is_a_message_not_a_traceback(files, capsys):
     assert run(["--operator", d / "missing.json", "--observation", d / "y.png", "--out", d / "r.npz"]) == 2
 
 
+@pytest.mark.slow
 def test_solve_through_a_server_shows_progress(files, capsys):
     d, _, _ = files
     proc, url = start_server()

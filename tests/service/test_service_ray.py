@@ -17,6 +17,7 @@ from tests.helpers.server import LONG, done, server_log, solo, start_server, sto
 from tests.helpers.service import body, decode
 
 pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.slow  # a Ray cluster, PostgreSQL, a server process
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ import pytest
 from service.client import Client, ServiceError
 from tests.helpers.server import start_server, stop_server
 
+pytestmark = pytest.mark.slow  # a server process
+
 
 @pytest.fixture(scope="module")
 def server():

@@ -86,6 +86,7 @@ def server():
         stop_server(proc)
 
 
+@pytest.mark.slow
 def test_real_server_closes_a_dripping_head_and_serves_others_meanwhile(server):
     proc, url = server
     port = int(url.rsplit(":", 1)[1])
@@ -104,6 +105,7 @@ def test_real_server_closes_a_dripping_head_and_serves_others_meanwhile(server):
     assert others and others[0][0] == 200 and others[0][1] < 1.0, others
 
 
+@pytest.mark.slow
 def test_real_server_keep_alive_client_makes_two_requests(server):
     """The deadline of the connection's opening ends with the first head: a second request
     after more than ``header_timeout_s`` of idling (within keep-alive) is still served."""

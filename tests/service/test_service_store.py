@@ -15,6 +15,7 @@ from service.jobs import JobManager, _cancelled_error, now_iso
 from service.prepare import admit, build
 from service.settings import Settings
 from service.store import JobStore
+from tests.helpers.polling import wait_until
 from tests.helpers.postgres import fresh_database
 from tests.helpers.service import MODELS, body, slow, wait_running, wait_status
 
@@ -35,7 +36,9 @@ def test_retention_on_a_timer_answers_410_and_unknown_ids_404(make_client):
     c = make_client(result_ttl_s=0.3, retention_interval_s=0.1)
     jid = c.post("/v1/jobs", json=body()).json()["id"]
     assert wait_status(c, jid)["status"] == "succeeded"
-    time.sleep(1.0)  # no submission in between: the timer expires it
+    # no submission in between: the retention timer expires it
+    wait_until(lambda: c.get(f"/v1/jobs/{jid}").status_code, lambda code: code == 410, timeout=10,
+               what=f"job {jid} expired")
     for path in ("", "/result", "/result.png", "/events"):
         r = c.get(f"/v1/jobs/{jid}{path}")
         assert r.status_code == 410 and r.json()["error"]["code"] == "expired", (path, r.text)
@@ -197,6 +200,7 @@ def test_schema_versions(tmp_path, monkeypatch):
         JobStore(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_same_store_code_runs_on_postgresql(make_client, pg_url, tmp_path):
     files = tmp_path / "files"
     c = make_client(data_dir=files, database_url=pg_url, result_ttl_s=2.0, retention_interval_s=0.2)
@@ -228,7 +232,7 @@ def test_a_job_cancelling_at_a_crash_is_cancelled_on_restart(make_client, tmp_pa
     assert st["status"] == "cancelled" and st["error"]["code"] == "cancelled"
 
 
-@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_claims_leases_and_guarded_writes(db, tmp_path, request):
     """Scale-out's store primitives: one claimant wins, a lease renewal reports the statuses the
     owner still holds, a stale owner's job is released and its later writes change nothing."""
