@@ -132,7 +132,8 @@ def channel_names(c: int) -> list[str]:
 
 def vp_alphas_cumprod(schedule: Mapping[str, Any]) -> torch.Tensor:
     """``alpha_bar_t`` (float64) of a card's VP ``parameterization.schedule``."""
-    from .adapters import adm_alphas_cumprod, diffusers_alphas_cumprod
+    from .adapters import adm_alphas_cumprod
+    from .diffusers_adapter import diffusers_alphas_cumprod
 
     family = schedule.get("family")
     if family == "guided-diffusion":

@@ -212,7 +212,7 @@ class DiffusersFormat(ModelFormat):
         return source.is_dir() and self._layout(source) is not None
 
     def import_(self, source, out, *, model_id=None, config=None, description=None, overwrite=False) -> Path:
-        from .adapters import DIFFUSERS_SCHEDULER_DEFAULTS, _PREDICTION_TYPES, diffusers_denoiser
+        from .diffusers_adapter import DIFFUSERS_SCHEDULER_DEFAULTS, _PREDICTION_TYPES, diffusers_denoiser
 
         src = Path(source)
         layout = self._layout(src) if src.is_dir() else None
@@ -277,7 +277,7 @@ class DiffusersFormat(ModelFormat):
         return out
 
     def load(self, folder: Path, card: dict) -> Denoiser:
-        from .adapters import diffusers_denoiser
+        from .diffusers_adapter import diffusers_denoiser
 
         try:
             from diffusers import UNet2DModel

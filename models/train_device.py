@@ -266,7 +266,7 @@ def train_args(ckpt: Path, runs: Path, a: argparse.Namespace, steps: int | None,
     return T.add_train_arguments(argparse.ArgumentParser(prog="models.train_device")).parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m models.train_device", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--id", required=True, help="the model: SRC/ID holds its resume.safetensors, weights.safetensors, card.json")
@@ -287,8 +287,57 @@ def main(argv=None) -> int:
     a("--verify-steps", type=int, default=1, help="resume the result on the CPU for this many steps (0: skip) [1]")
     a("--no-tf32", action="store_true", help="CUDA: full float32 matrix products (TF32 is on by default)")
     a("--no-block", action="store_true", help="do not block the service's packages")
-    args = p.parse_args(argv)
+    return p
 
+
+def _select_device(args: argparse.Namespace) -> str:
+    """``args.device`` resolved (``auto``: CUDA when present); cuDNN autotuning and TF32 set for CUDA."""
+    import torch
+
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    return dev
+
+
+def _verify(args: argparse.Namespace, out: Path, end: int) -> dict:
+    """Resume the returned files on the CPU for ``--verify-steps`` steps (CUDA-written state -> CPU)."""
+    from models import train as T
+
+    tv = time.time()
+    with tempfile.TemporaryDirectory(prefix="train_device_verify_") as tmp:
+        vck = Path(tmp) / args.id
+        copy_state(out / args.id, vck)
+        T.run_train(train_args(vck, Path(tmp) / "runs", args, end + args.verify_steps, device="cpu", batch=4,
+                               threads=args.threads or min(4, os.cpu_count() or 1), time_limit_min=None,
+                               save_every=0, log_every=args.verify_steps))
+        vend = int(read_state(vck)["step"])
+    return {"device": "cpu", "steps": args.verify_steps, "end_step": vend, "ok": vend == end + args.verify_steps,
+            "seconds": round(time.time() - tv, 1)}
+
+
+def _train(args: argparse.Namespace, ckpt: Path, runs: Path, steps: int | None, record: dict) -> int:
+    """Run the training session; fill ``record`` with its step counts and speed; returns the end step."""
+    import torch
+
+    from models import train as T
+
+    start, t0 = record["start_step"], time.time()
+    T.run_train(train_args(ckpt, runs, args, steps))
+    secs = time.time() - t0
+    if args.device.startswith("cuda"):  # asked only now: CUDA stays uninitialized while the data workers fork
+        record["env"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    st1 = read_state(ckpt)
+    end = int(st1["step"])
+    record.update(end_step=end, steps=end - start, seconds=round(secs, 1), loss_ema=st1.get("loss_ema"),
+                  steps_per_s=round((end - start) / secs, 3), images_per_s=round((end - start) * args.batch / secs, 1))
+    return end
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if not args.no_block:
         block_service_imports()
     tqdm_fallback()
@@ -297,13 +346,7 @@ def main(argv=None) -> int:
     from models import train as T
 
     T.load_training_data = make_loader(args.max_examples, args.workers or os.cpu_count() or 1)
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    args.device = dev
-    if dev.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
-
+    args.device = dev = _select_device(args)
     src, work, out = Path(args.src) / args.id, Path(args.work), Path(args.out)
     ckpt, runs = work / args.id, work / "runs"
     if ckpt.exists() or (runs / args.id).exists():
@@ -326,16 +369,7 @@ def main(argv=None) -> int:
         print(f"[train_device] {args.id}: already at its step target {goal}; nothing to train "
               f"(pass --steps or --add-steps)", flush=True)
         return 3
-
-    t0 = time.time()
-    T.run_train(train_args(ckpt, runs, args, steps))
-    secs = time.time() - t0
-    if dev.startswith("cuda"):  # asked only now: CUDA stays uninitialized while the data workers fork
-        env["gpu"] = torch.cuda.get_device_name(torch.device(dev))
-    st1 = read_state(ckpt)
-    end = int(st1["step"])
-    record.update(end_step=end, steps=end - start, seconds=round(secs, 1), loss_ema=st1.get("loss_ema"),
-                  steps_per_s=round((end - start) / secs, 3), images_per_s=round((end - start) * args.batch / secs, 1))
+    end = _train(args, ckpt, runs, steps, record)
     if end <= start:
         merge_summary(summary, args.id, record)
         print(f"[train_device] {args.id}: no step was trained", flush=True)
@@ -343,25 +377,14 @@ def main(argv=None) -> int:
     record["files"] = export(ckpt, out / args.id)
     record["status"] = "trained"
     merge_summary(summary, args.id, record)
-    print(f"[train_device] {args.id}: steps {start} -> {end} in {secs:.1f} s "
+    print(f"[train_device] {args.id}: steps {start} -> {end} in {record['seconds']:.1f} s "
           f"({record['images_per_s']} images/s); wrote {record['files']} to {out / args.id}", flush=True)
-
-    if args.verify_steps > 0:  # the returned files resume on the CPU (CUDA-written state -> CPU)
-        tv = time.time()
-        with tempfile.TemporaryDirectory(prefix="train_device_verify_") as tmp:
-            vck = Path(tmp) / args.id
-            copy_state(out / args.id, vck)
-            T.run_train(train_args(vck, Path(tmp) / "runs", args, end + args.verify_steps, device="cpu", batch=4,
-                                   threads=args.threads or min(4, os.cpu_count() or 1), time_limit_min=None,
-                                   save_every=0, log_every=args.verify_steps))
-            vend = int(read_state(vck)["step"])
-        ok = vend == end + args.verify_steps
-        record["verify"] = {"device": "cpu", "steps": args.verify_steps, "end_step": vend, "ok": ok,
-                            "seconds": round(time.time() - tv, 1)}
+    if args.verify_steps > 0:
+        record["verify"] = v = _verify(args, out, end)
         merge_summary(summary, args.id, record)
-        print(f"[train_device] {args.id}: resumed the returned state on the CPU: step {end} -> {vend} "
-              f"({'ok' if ok else 'FAILED'})", flush=True)
-        if not ok:
+        print(f"[train_device] {args.id}: resumed the returned state on the CPU: step {end} -> {v['end_step']} "
+              f"({'ok' if v['ok'] else 'FAILED'})", flush=True)
+        if not v["ok"]:
             return 2
     return 0
 
