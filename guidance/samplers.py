@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import torch
 
@@ -25,6 +25,7 @@ from operators.base import Operator, batch_dot
 
 from .core import (Callback, Progress, SplitGenerator, ancestral_step, col, denoise_with_grad, dpmpp_2m_step,
                    heun_step, init_state, levels, randn_like, snr_step_size, state_dtype_of)
+from .params import MethodError, check_config, param
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
 
@@ -32,13 +33,9 @@ def _start(denoiser, y, sigma0: float, generator):
     return init_state(y.shape[0], denoiser.shape, float(sigma0), generator, y.device, state_dtype_of(y))
 
 
-def _weights(zeta, channels: int):
-    """A scalar weight or one per channel."""
-    if isinstance(zeta, (int, float)):
-        return float(zeta)
-    if len(zeta) != channels:
-        raise ValueError(f"expected {channels} per-channel weights, got {len(zeta)}")
-    return tuple(float(z) for z in zeta)
+def _weights(zeta):
+    """A scalar weight or one per channel (their count is ``SamplerConfig.check``'s)."""
+    return float(zeta) if isinstance(zeta, (int, float)) else tuple(float(z) for z in zeta)
 
 
 #: What a sampler draws its noise from: one generator, or one stream per problem of a batch.
@@ -65,32 +62,35 @@ class Cost:
 
 
 class SamplerConfig:
-    """Checks every method config shares; subclasses are frozen dataclasses that add their own
-    in ``validate`` and say what a run costs (``cost``) and calls per step (``nfe_per_step``)."""
-
-    #: Fields (scalars or per-channel tuples) that must be >= 0, and those that must be > 0.
-    nonnegative: ClassVar[tuple[str, ...]] = ()
-    positive: ClassVar[tuple[str, ...]] = ()
+    """What every method config shares. Subclasses are frozen dataclasses whose fields are
+    declared with ``params.param`` (meaning and range); they say what a run costs (``cost``),
+    calls per step (``nfe_per_step``), and add their own rules of fit to a problem (``check``)."""
 
     def validate(self) -> None:
-        """Raise ValueError on a value the sampler cannot run with."""
+        """Raise ``MethodError`` on a value outside its declared range."""
+        check_config(self)
+
+    def check(self, operator: Operator, pde: Operator | None = None) -> None:
+        """Raise ``MethodError`` where this config cannot serve ``operator`` (with the PDE term
+        ``pde``). Per-channel weights (a tuple field) need one weight per channel, and, unless
+        equal, an operator whose observation entries each depend on one channel (a linear,
+        ``channel_separable`` one): only then does each channel's part of the misfit exist."""
+        channels = operator.in_shape[0]
         for f in fields(self):
             v = getattr(self, f.name)
-            for e in v if isinstance(v, tuple) else (v,):
-                if isinstance(e, (int, float)) and not math.isfinite(float(e)):
-                    raise ValueError(f"{f.name} must be finite")
-        if self.steps < 1:
-            raise ValueError("steps must be at least 1")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}")
-        for name in self.nonnegative:
-            v = getattr(self, name)
-            if any(e < 0 for e in (v if isinstance(v, tuple) else (v,))):
-                raise ValueError(f"{name} must be >= 0")
-        for name in self.positive:
-            v = getattr(self, name)
-            if any(e <= 0 for e in (v if isinstance(v, tuple) else (v,))):
-                raise ValueError(f"{name} must be > 0")
+            if not isinstance(v, tuple):
+                continue
+            if len(v) != channels:
+                raise MethodError(f.name, f"{len(v)} weights for a model with {channels} channels",
+                                  f"one number or {channels} numbers")
+            if len(set(v)) > 1 and not (operator.linear and operator.channel_separable):
+                raise MethodError(f.name, f"per-channel weights {list(v)} need an operator whose observation "
+                                  f"entries each depend on one channel, and {operator.kind or type(operator).__name__} "
+                                  "mixes channels", f"one number for {f.name}")
+
+    def exclusive(self, operator: Operator) -> bool:
+        """Whether only jobs with this very operator may share a run (default: any alike)."""
+        return False
 
     def nfe_per_step(self) -> int:
         raise NotImplementedError
@@ -99,18 +99,41 @@ class SamplerConfig:
         raise NotImplementedError
 
 
+#: The parameters several methods share, declared once.
+def _steps(default: int):
+    return param(default, "sampler steps (noise levels); null: the default", minimum=1)
+
+
+def _schedule(default: str):
+    return param(default, "noise schedule", choices=tuple(SCHEDULES))
+
+
+def _zeta_pde(default: float):
+    return param(default, "weight of the PDE-residual term (with a pde block)", minimum=0)
+
+
+def _eta():
+    return param(1.0, "fresh noise of the ancestral step: 1 = DDPM, 0 = DDIM", minimum=0)
+
+
+def _zeta_obs(default: float):
+    return param(default, "weight of the observation term: one number, or one per channel (needs an operator "
+                 "that observes each channel separately)", minimum=0)
+
+
 # --------------------------------------------------------------------------- DPS
 @dataclass(frozen=True)
 class DPSConfig(SamplerConfig):
     """DPS parameters (Chung et al. 2023). ``zeta`` is the paper's zeta' (a scalar, or one per
     channel, each weighing the norm of that channel's misfit); ``zeta_pde`` weighs the PDE term."""
 
-    steps: int = 1000
-    zeta: float | tuple[float, ...] = 1.0
-    zeta_pde: float = 0.0
-    eta: float = 1.0
-    schedule: str = "vp_linear"
-    nonnegative: ClassVar[tuple[str, ...]] = ("zeta", "zeta_pde", "eta")
+    steps: int = _steps(1000)
+    zeta: float | tuple[float, ...] = param(
+        1.0, "DPS step size zeta' (the paper's): one number, or one per channel (each channel's misfit norm "
+        "weighted; needs an operator that observes each channel separately)", minimum=0)
+    zeta_pde: float = _zeta_pde(0.0)
+    eta: float = _eta()
+    schedule: str = _schedule("vp_linear")
 
     def nfe_per_step(self) -> int:
         return 1
@@ -129,11 +152,12 @@ def sample_dps(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: 
     taken in DDPM's VP coordinates, which in sigma-space multiplies it by
     ``sqrt((1 + sigma_i^2)(1 + sigma_{i+1}^2))``.
     """
+    config.check(operator, pde)
     sig = levels(sigmas)
     x = _start(denoiser, y, sig[0], generator)
     n = len(sig) - 1
     prog = Progress(callback, n, x)
-    w = _weights(config.zeta, operator.in_shape[0])
+    w = _weights(config.zeta)
     masks = channel_masks(operator, y) if isinstance(w, tuple) else None
 
     def loss(x0):
@@ -161,25 +185,28 @@ class ALDConfig(SamplerConfig):
     projection with mixing ``lam`` (1 = hard projection).
     """
 
-    steps: int = 200
-    corrector_steps: int = 1
-    final_corrector_steps: int = 300
-    snr: float = 0.12
-    step_rule: str = "snr"
-    eps: float = 2e-5
-    lam: float = 1.0
-    zeta_pde: float = 0.0
-    schedule: str = "ve"
-    nonnegative: ClassVar[tuple[str, ...]] = ("snr", "eps", "lam", "zeta_pde")
+    steps: int = _steps(200)
+    corrector_steps: int = param(1, "Langevin corrector steps per noise level", minimum=0)
+    final_corrector_steps: int = param(300, "Langevin corrector steps at the last noise level", minimum=0)
+    snr: float = param(0.12, "signal-to-noise ratio of the Langevin step size (step_rule snr)", minimum=0)
+    step_rule: str = param("snr", "Langevin step size: snr (Song et al. 2021) or eps (eps * sigma_i^2 / "
+                           "sigma_L^2)", choices=("snr", "eps"))
+    eps: float = param(2e-5, "Langevin step size constant (step_rule eps)", minimum=0)
+    lam: float = param(1.0, "projection mixing (1 = hard projection)", minimum=0)
+    zeta_pde: float = _zeta_pde(0.0)
+    schedule: str = _schedule("ve")
 
-    def validate(self) -> None:
-        super().validate()
-        if self.corrector_steps < 0:
-            raise ValueError("corrector_steps must be >= 0")
-        if self.final_corrector_steps < 0:
-            raise ValueError("final_corrector_steps must be >= 0")
-        if self.step_rule not in ("snr", "eps"):
-            raise ValueError("step_rule must be 'snr' or 'eps'")
+    def check(self, operator: Operator, pde: Operator | None = None) -> None:
+        super().check(operator, pde)
+        if not operator.linear:
+            raise MethodError(None, "ald needs a linear operator", "dps, diffusion_pde or fast")
+
+    def exclusive(self, operator: Operator) -> bool:
+        """Projection ALD works in the operator's SVD basis: only identical operators share it."""
+        try:
+            return bool(operator.linear and operator.svd() is not None)
+        except Exception:  # noqa: BLE001 - an operator whose svd fails: share nothing
+            return True
 
     def nfe_per_step(self) -> int:
         return self.corrector_steps + 1
@@ -213,8 +240,7 @@ def sample_ald(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: 
     exact for a Gaussian prior. Where all modes share one ``nu`` (selections) that level is
     inserted into the schedule and equilibrated with ``final_corrector_steps``.
     """
-    if not operator.linear:
-        raise ValueError("ald needs a linear operator (use dps or diffusion_pde for nonlinear ones)")
+    config.check(operator, pde)
     match = measurement_consistency(operator, y, noise_sigma)
     nu = match.single_level()
     sig = levels(_with_level(torch.as_tensor(sigmas).detach().to("cpu", torch.float64), nu))
@@ -259,14 +285,13 @@ class DiffusionPDEConfig(SamplerConfig):
     channel; before ``pde_switch * steps`` only the observation term guides, after it the PDE
     term joins and the observation weight is multiplied by ``late_obs_scale``."""
 
-    steps: int = 2000
-    zeta_obs: float | tuple[float, ...] = 5.0
-    zeta_pde: float = 100.0
-    pde_switch: float = 0.8
-    late_obs_scale: float = 0.1
-    schedule: str = "karras"
-    rho: float = 7.0
-    nonnegative: ClassVar[tuple[str, ...]] = ("zeta_obs", "zeta_pde", "late_obs_scale")
+    steps: int = _steps(2000)
+    zeta_obs: float | tuple[float, ...] = _zeta_obs(5.0)
+    zeta_pde: float = _zeta_pde(100.0)
+    pde_switch: float = param(0.8, "fraction of the steps after which the PDE term joins")
+    late_obs_scale: float = param(0.1, "observation weight multiplier after pde_switch", minimum=0)
+    schedule: str = _schedule("karras")
+    rho: float = param(7.0, "exponent of the Karras schedule")
 
     def nfe_per_step(self) -> int:
         return 2
@@ -284,11 +309,12 @@ def sample_diffusion_pde(denoiser: Denoiser, operator: Operator, y: torch.Tensor
     """DiffusionPDE (Huang, Yang, Wang, Park, NeurIPS 2024): EDM Heun steps guided by
     ``zeta_obs ||(y - A x0)|_c||`` per channel and ``zeta_pde ||R(x0)||``; the gradient is
     taken w.r.t. the step's start through the Heun-corrected ``x0_hat``."""
+    config.check(operator, pde)
     sig = levels(sigmas)
     x = _start(denoiser, y, sig[0], generator)
     n = len(sig) - 1
     prog = Progress(callback, n, x)
-    w = _weights(config.zeta_obs, operator.in_shape[0])
+    w = _weights(config.zeta_obs)
     masks = channel_masks(operator, y) if isinstance(w, tuple) else None
     switch = config.pde_switch * n
     for i in range(n):
@@ -329,24 +355,29 @@ class FastConfig(SamplerConfig):
     ``solver`` the step from ``x_i`` to ``x_{i+1}`` given the guided ``x0``: ``ancestral`` (with
     ``eta``) or ``dpmpp_2m`` (DPM-Solver++(2M), deterministic: ``eta`` is not used)."""
 
-    steps: int = 30
-    lam: float = 1.0
-    eta: float = 1.0
-    zeta_obs: float | tuple[float, ...] = 1.0
-    zeta_pde: float = 0.0
-    noise_floor: float = 1e-2
-    cg_iters: int = 1
-    schedule: str = "karras"
-    solver: str = "ancestral"
-    nonnegative: ClassVar[tuple[str, ...]] = ("eta", "zeta_obs", "zeta_pde")
-    positive: ClassVar[tuple[str, ...]] = ("lam",)
+    steps: int = _steps(30)
+    lam: float = param(1.0, "weight of the prior in the proximal data step", above=0)
+    eta: float = _eta()
+    zeta_obs: float | tuple[float, ...] = _zeta_obs(1.0)
+    zeta_pde: float = _zeta_pde(0.0)
+    noise_floor: float = param(1e-2, "stands in for noise_sigma in the Kalman step when the observation is "
+                               "noiseless")
+    cg_iters: int = param(1, "conjugate-gradient iterations of the Kalman step, 0..50 (each one backprop per "
+                          "step; 0: no Kalman step, only the closed-form proximal step: linear operators "
+                          "without a PDE term)", minimum=0, maximum=50)
+    schedule: str = _schedule("karras")
+    solver: str = param("ancestral", "the step between noise levels given the guided x0: ancestral (with "
+                        "eta) or dpmpp_2m (DPM-Solver++(2M), deterministic; eta unused)", choices=FAST_SOLVERS)
 
-    def validate(self) -> None:
-        super().validate()
-        if not 0 <= self.cg_iters <= 50:
-            raise ValueError("cg_iters must be between 0 and 50")
-        if self.solver not in FAST_SOLVERS:
-            raise ValueError(f"solver must be one of {list(FAST_SOLVERS)}")
+    def check(self, operator: Operator, pde: Operator | None = None) -> None:
+        super().check(operator, pde)
+        if self.cg_iters == 0 and not self._affine(operator, pde):
+            raise MethodError("cg_iters", "0 leaves only the proximal data step, which needs a linear operator "
+                              "without a PDE term", "cg_iters >= 1")
+
+    def _affine(self, operator: Operator, pde: Operator | None) -> bool:
+        """Whether the data term is affine in x (a linear operator and no PDE term)."""
+        return operator.linear and not (pde is not None and self.zeta_pde)
 
     def nfe_per_step(self) -> int:
         return 1
@@ -374,12 +405,13 @@ def sample_fast(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas:
     (``solver`` ``dpmpp_2m``) a DPM-Solver++(2M) step, its ``D`` extrapolated from this step's and
     the previous step's guided ``x0'``.
     """
+    config.check(operator, pde)
     sig = levels(sigmas)
     x = _start(denoiser, y, sig[0], generator)
     n = len(sig) - 1
     prog = Progress(callback, n, x)
     sd2 = float(getattr(denoiser, "sigma_data", 0.5)) ** 2
-    w = _weights(config.zeta_obs, operator.in_shape[0])
+    w = _weights(config.zeta_obs)
     masks = channel_masks(operator, y) if isinstance(w, tuple) else None
     sigma_eff = max(float(noise_sigma), config.noise_floor)
 
@@ -394,10 +426,7 @@ def sample_fast(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas:
             parts.append(config.zeta_pde ** 0.5 * pde.residual(u).flatten(1))
         return torch.cat(parts, dim=1)
 
-    affine = operator.linear and not (pde is not None and config.zeta_pde)
-    if config.cg_iters == 0 and not affine:
-        raise ValueError("cg_iters 0 leaves only the proximal step, which needs a linear operator "
-                         "without a PDE term; send cg_iters >= 1")
+    affine = config._affine(operator, pde)
     x0_prev = s_prev = None  # the previous step's guided x0 (dpmpp_2m)
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]

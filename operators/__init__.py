@@ -1,26 +1,38 @@
-"""Forward operators: imaging kinds, PDE residuals, and building them from request specs.
+"""Forward operators: imaging kinds, PDE residuals, and building them from specs.
 
-Registries: ``OPERATORS`` (request ``operator.kind`` -> class; a kind is one class, see
-``operators.base.Operator``) and ``PDE_RESIDUALS`` (request/card ``pde.kind`` -> class).
+Registries: ``OPERATORS`` (``operator.kind`` -> class; a kind is one class, see
+``operators.base.Operator``) and ``PDE_RESIDUALS`` (``pde.kind`` -> class).
+
+The names below are imported on first use (PEP 562), so that importing one submodule (say
+``operators.pde``, numpy/scipy/torch only) does not import the others (pydantic, deepinv).
 """
-from .base import LinearOperator, Operator, Rescaled, batch_dot, conjugate_gradient
-from .batched import BatchedOperator, Unbatchable
-from .imaging import (MRI, Blur, CompressedSensing, Identity, Inpainting, SparsePoints,
-                      SuperResolution, gaussian_kernel, gaussian_matrix, motion_kernel)
-from .pde import (PDE_RESIDUALS, DarcyResidual, HelmholtzResidual, PDEResidual, PoissonResidual,
-                  grid_spacing, solve_darcy, solve_helmholtz, solve_poisson)
-from .params import OperatorSpec
-from .tomography import CT
-from .spec import (OPERATORS, OperatorSpecError, UnknownKindError, build_operator, build_pde, operator_class,
-                   operator_schemas, validate_operator_spec)
+from importlib import import_module
 
-__all__ = [
-    "Operator", "LinearOperator", "Rescaled", "batch_dot", "conjugate_gradient",
-    "BatchedOperator", "Unbatchable",
-    "Identity", "Inpainting", "SparsePoints", "Blur", "SuperResolution", "CompressedSensing", "MRI", "CT",
-    "gaussian_kernel", "motion_kernel", "gaussian_matrix",
-    "PDEResidual", "DarcyResidual", "PoissonResidual", "HelmholtzResidual", "PDE_RESIDUALS",
-    "grid_spacing", "solve_darcy", "solve_poisson", "solve_helmholtz",
-    "OPERATORS", "OperatorSpec", "OperatorSpecError", "UnknownKindError", "build_operator", "build_pde",
-    "operator_class", "operator_schemas", "validate_operator_spec",
-]
+_WHERE = {
+    "base": ("Operator", "LinearOperator", "Rescaled", "batch_dot", "conjugate_gradient"),
+    "batched": ("BatchedOperator", "Unbatchable"),
+    "imaging": ("Identity", "Inpainting", "SparsePoints", "Blur", "SuperResolution", "CompressedSensing", "MRI",
+                "gaussian_kernel", "motion_kernel", "gaussian_matrix"),
+    "tomography": ("CT",),
+    "pde": ("PDEResidual", "DarcyResidual", "PoissonResidual", "HelmholtzResidual", "PDE_RESIDUALS",
+            "grid_spacing", "solve_darcy", "solve_poisson", "solve_helmholtz"),
+    "checks": ("OperatorSpecError", "UnknownKindError"),
+    "params": ("OperatorSpec",),
+    "spec": ("OPERATORS", "build_operator", "build_pde", "operator_class", "validate_operator_spec"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'operators' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

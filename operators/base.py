@@ -7,11 +7,14 @@ defines them (mask, kernel, points, matrix) goes to the constructor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from .params import OperatorSpec, OperatorSpecError, check_in_shape
+from .checks import OperatorSpecError, check_in_shape
+
+if TYPE_CHECKING:  # the spec models (pydantic): PDE residuals need none
+    from .params import OperatorSpec
 
 
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,13 +66,11 @@ class SVD:
 class Operator:
     """A forward model ``y = A(x)``; nonlinear unless the class says otherwise.
 
-    A request's operator kind is one subclass (registered in ``operators.spec.OPERATORS``); the
+    An operator kind is one subclass (registered in ``operators.spec.OPERATORS``); the
     class is all the service knows of it:
 
-    - ``Spec``: the pydantic model of the request's ``operator`` block (``{"kind": ..., ...}``,
-      see ``operators.params``); its JSON schema is ``json_schema()``, the request's OpenAPI
-      schema is the union of the kinds' models, and its array fields (``Spec.array_fields()``)
-      are what the service decodes;
+    - ``Spec``: the declaration of its parameters (``{"kind": ..., ...}``: typed, with ranges and
+      one-line meanings, see ``operators.params``); its array fields are ``Spec.array_fields()``;
     - ``observation_shape``: the observation's shape in words (``"[C,H,W]"``, ``"[m]"``);
     - ``check_spec(spec, in_shape)``: the checks against the model's shape, returning the
       constructor's keyword arguments; ``validate_spec`` = parse + check; ``from_spec`` builds;
@@ -78,9 +79,9 @@ class Operator:
 
     linear: ClassVar[bool] = False
     kind: ClassVar[str] = ""
-    #: The request block's model (None: not a request kind, e.g. a PDE residual).
+    #: The declaration of its parameters (None: not built from a spec, e.g. a PDE residual).
     Spec: ClassVar[type[OperatorSpec] | None] = None
-    #: The observation's shape, in words, for ``GET /v1/operators``.
+    #: The observation's shape, in words.
     observation_shape: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
@@ -89,12 +90,12 @@ class Operator:
         if spec is not None and spec.kind_name() != cls.kind:
             raise TypeError(f"{cls.__name__}.Spec has kind {spec.kind_name()!r}, the class {cls.kind!r}")
 
-    # ------------------------------------------------------------------ from a request spec
+    # ------------------------------------------------------------------ from a spec
     @classmethod
     def parse_spec(cls, spec) -> OperatorSpec:
         """The spec (a dict or a ``Spec``) checked for all that does not depend on the image shape."""
         if cls.Spec is None:
-            raise OperatorSpecError(f"{cls.__name__} cannot be built from a request spec")
+            raise OperatorSpecError(None, f"{cls.__name__} cannot be built from a spec")
         return cls.Spec.parse(spec)
 
     @classmethod
@@ -113,14 +114,6 @@ class Operator:
     def from_spec(cls, spec, in_shape) -> "Operator":
         """The operator a (dict or ``Spec``) spec describes, for images of shape ``in_shape``."""
         return cls(check_in_shape(in_shape), **cls.validate_spec(spec, in_shape))
-
-    @classmethod
-    def json_schema(cls) -> dict:
-        """JSON schema (2020-12) of the spec: ``GET /v1/operators``."""
-        if cls.Spec is None:
-            raise OperatorSpecError(f"{cls.__name__} has no request spec")
-        schema = cls.Spec.model_json_schema()
-        return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": cls.kind}
 
     #: True when the operator treats channels independently (an observation entry
     #: depends on one channel only), so a per-channel rescaling of ``x`` commutes

@@ -3,7 +3,7 @@ blur, super-resolution, compressed sensing and single-coil MRI.
 
 Every operator maps ``x: [B, C, H, W]`` to ``[B, *obs_shape]`` in the dtype and on the device
 of ``x``; buffers (masks, kernels, matrices) are kept in float64 on the CPU and cast on use.
-Each kind is one class: its request spec model (``<Kind>Spec``, defined just above it), the
+Each kind is one class: its spec model (``<Kind>Spec``, defined just above it), the
 checks against the image shape (``check_spec``), the observation shape in words, and the
 operator itself (``operators.base.Operator``). Constructors assume already-validated arguments
 (``Kind.from_spec`` / ``operators.spec.build_operator`` validate).
@@ -120,7 +120,7 @@ class Inpainting(LinearOperator):
         mask = array(spec.mask, "operator.mask")
         if mask.shape not in ((h, w), (c, h, w)):
             fail("operator.mask", f"has shape {shape_str(mask)}",
-                 f"send shape [H,W]=[{h},{w}] or [C,H,W]=[{c},{h},{w}] matching the model")
+                 f"shape [H,W]=[{h},{w}] or [C,H,W]=[{c},{h},{w}] matching the model")
         return {"mask": binary(mask, "operator.mask")}
 
     def __init__(self, in_shape, mask):
@@ -188,17 +188,17 @@ class SparsePoints(LinearOperator):
         pts = array(spec.points, "operator.points")
         if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < 1:
             fail("operator.points", f"has shape {shape_str(pts)}",
-                 "send a list [[channel, row, col], ...] of shape [N,3] with N >= 1")
+                 "a list [[channel, row, col], ...] of shape [N,3] with N >= 1")
         if not np.issubdtype(pts.dtype, np.integer):
             if not (pts == np.round(pts)).all():
-                fail("operator.points", "has non-integer entries", "send integer (channel, row, col) indices")
+                fail("operator.points", "has non-integer entries", "integer (channel, row, col) indices")
         pts = pts.astype(np.int64)
         for axis, (name, size) in enumerate(zip(("channel", "row", "col"), in_shape)):
             bad = (pts[:, axis] < 0) | (pts[:, axis] >= size)
             if bad.any():
                 i = int(np.argmax(bad))
                 fail("operator.points", f"point {i} has {name} {int(pts[i, axis])} outside [0, {size - 1}]",
-                     f"send {name} indices in 0..{size - 1} for model shape {list(in_shape)}")
+                     f"{name} indices in 0..{size - 1} for model shape {list(in_shape)}")
         return {"points": pts}
 
     def __init__(self, in_shape, points):
@@ -310,9 +310,9 @@ class MotionKernel(SpecModel):
 
 def _odd_size(value: int, field: str, hw: int) -> int:
     if value % 2 == 0:
-        fail(field, f"must be odd (a centred kernel), got {value}", f"send {value + 1} or {value - 1}")
+        fail(field, f"must be odd (a centred kernel), got {value}", f"{value + 1} or {value - 1}")
     if value > hw:
-        fail(field, f"kernel size {value} exceeds the image size {hw}", f"send an odd size <= {hw}")
+        fail(field, f"kernel size {value} exceeds the image size {hw}", f"an odd size <= {hw}")
     return value
 
 
@@ -335,7 +335,7 @@ class BlurSpec(OperatorSpec):
         given = [k for k in ("kernel", "gaussian", "motion") if getattr(self, k) is not None]
         if len(given) != 1:
             raise Invalid(f"blur got {given or 'none'} of kernel/gaussian/motion",
-                          'send exactly one: "kernel": [[...]], "gaussian": {"sigma": s, "size": k} '
+                          'exactly one: "kernel": [[...]], "gaussian": {"sigma": s, "size": k} '
                           'or "motion": {"size": k, "seed": n}')
         return self
 
@@ -365,11 +365,11 @@ class Blur(LinearOperator):
         if spec.kernel is not None:
             k = array(spec.kernel, "operator.kernel").astype(np.float64)
             if k.ndim != 2 or k.shape[0] != k.shape[1]:
-                fail("operator.kernel", f"has shape {shape_str(k)}", "send a square [k,k] kernel with odd k")
+                fail("operator.kernel", f"has shape {shape_str(k)}", "a square [k,k] kernel with odd k")
             _odd_size(k.shape[0], "operator.kernel size", hw)
             if abs(k.sum()) < 1e-12:
                 fail("operator.kernel", "sums to 0 (the blur would erase the image mean)",
-                     "send a kernel with a nonzero sum, usually normalized to sum 1")
+                     "a kernel with a nonzero sum, usually normalized to sum 1")
             out["kernel"] = k
         elif spec.gaussian is not None:
             sigma, size = spec.gaussian.sigma, spec.gaussian.size
@@ -493,7 +493,7 @@ class SuperResolution(LinearOperator):
         f, (_, h, w) = spec.factor, in_shape
         if h % f or w % f:
             divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
-            fail("operator.factor", f"{f} does not divide the image size {h}x{w}", f"send one of {divisors}")
+            fail("operator.factor", f"{f} does not divide the image size {h}x{w}", f"one of {divisors}")
         return {"factor": f}
 
     def __init__(self, in_shape, factor):
@@ -562,7 +562,7 @@ class CompressedSensingSpec(OperatorSpec):
     @model_validator(mode="after")
     def _seed_or_matrix(self):
         if self.matrix is not None and self.seed is not None:
-            raise Invalid("got both seed and matrix", "send either seed (server draws) or matrix")
+            raise Invalid("got both seed and matrix", "either seed (server draws) or matrix")
         return self
 
 
@@ -586,20 +586,20 @@ class CompressedSensing(LinearOperator):
         if spec.matrix is not None:
             a = array(spec.matrix, "operator.matrix").astype(np.float64)
             if a.ndim != 2 or a.shape[1] != n or a.shape[0] < 1:
-                fail("operator.matrix", f"has shape {shape_str(a)}", f"send shape [m, C*H*W] = [m, {n}]")
+                fail("operator.matrix", f"has shape {shape_str(a)}", f"shape [m, C*H*W] = [m, {n}]")
             if spec.m is not None and spec.m != a.shape[0]:
                 fail("operator.m", f"{spec.m} differs from the matrix's {a.shape[0]} rows",
-                     "send m equal to the number of rows, or leave it out")
+                     "m equal to the number of rows, or leave it out")
             if a.size > MAX_CS_ENTRIES:
                 fail("operator.matrix", f"has {a.size} entries, over the limit {MAX_CS_ENTRIES}",
-                     "send fewer measurements")
+                     "fewer measurements")
             return {"matrix": a}
         if spec.m is None:
-            fail("operator", "compressed_sensing needs m", f'send "m": 1..{n} (and optionally "seed")')
+            fail("operator", "compressed_sensing needs m", f'"m": 1..{n} (and optionally "seed")')
         m = checked("operator.m", integer, spec.m, minimum=1, maximum=n)
         if m * n > MAX_CS_ENTRIES:
             fail("operator.m", f"{m} x {n} matrix is over the limit of {MAX_CS_ENTRIES} entries",
-                 f"send m <= {MAX_CS_ENTRIES // n}")
+                 f"m <= {MAX_CS_ENTRIES // n}")
         return {"m": m, "seed": 0 if spec.seed is None else spec.seed}
 
     def __init__(self, in_shape, m=None, seed=0, matrix=None):
@@ -682,7 +682,7 @@ class MRI(LinearOperator):
         mask = array(spec.mask, "operator.mask")
         if mask.shape != (h, w):
             fail("operator.mask", f"has shape {shape_str(mask)}",
-                 f"send a k-space mask of shape [H,W]=[{h},{w}] (DC at [0,0], numpy fft2 layout)")
+                 f"a k-space mask of shape [H,W]=[{h},{w}] (DC at [0,0], numpy fft2 layout)")
         return {"mask": binary(mask, "operator.mask")}
 
     def __init__(self, in_shape, mask):

@@ -1,8 +1,8 @@
-"""Operators from request specs (API.md "Operator kinds"): the registry, building, JSON schemas.
+"""Operators from specs (API.md "Operator kinds"): the registry and building.
 
 ``build_operator({"kind": "blur", "gaussian": {"sigma": 2}}, in_shape=(1, 64, 64))``
-validates every parameter and raises ``OperatorSpecError`` (a ``ValueError``) whose message
-says what was wrong and what to send instead. Arrays arrive decoded (numpy arrays or
+validates every parameter and raises ``OperatorSpecError`` (a ``ValueError``) that says which
+field was wrong, what was wrong and what is expected instead. Arrays arrive decoded (numpy arrays or
 nested lists). What a kind *is* lives in its class (``operators.base.Operator``: ``Spec``,
 ``check_spec``, ``observation_shape``, ``from_spec``); this module only looks kinds up.
 ``build_pde`` does the same for the request's ``pde`` block.
@@ -15,7 +15,7 @@ from typing import Any
 from .base import Operator
 from .imaging import (MAX_CS_ENTRIES, MRI, Blur, CompressedSensing, Identity, Inpainting, SparsePoints,
                       SuperResolution)
-from .params import (MAX_SEED, Invalid, OperatorSpecError, UnknownKindError, check_in_shape, checked, fail,
+from .checks import (MAX_SEED, Invalid, OperatorSpecError, UnknownKindError, check_in_shape, checked, fail,
                      integer, number)
 from .pde import PDE_RESIDUALS, PDEResidual, grid_spacing
 from .tomography import CT
@@ -27,18 +27,18 @@ OPERATORS: dict[str, type[Operator]] = {
 }
 
 __all__ = ["OPERATORS", "MAX_CS_ENTRIES", "MAX_SEED", "OperatorSpecError", "UnknownKindError", "Invalid",
-           "operator_class", "validate_operator_spec", "build_operator", "operator_schemas", "build_pde"]
+           "operator_class", "validate_operator_spec", "build_operator", "build_pde"]
 
 
 def operator_class(spec: Any) -> type[Operator]:
     """The class of a spec's ``kind`` (``UnknownKindError`` if none)."""
     if not isinstance(spec, dict):
-        fail("operator", f"expected an object, got {type(spec).__name__}", 'send {"kind": ..., ...parameters}')
+        fail("operator", f"expected an object, got {type(spec).__name__}", '{"kind": ..., ...parameters}')
     kind = spec.get("kind")
     cls = OPERATORS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         shown = repr(kind) if len(repr(kind)) <= 40 else "(a long value)"  # never echo much input
-        raise UnknownKindError(f"operator.kind: unknown kind {shown}; send one of {sorted(OPERATORS)}")
+        raise UnknownKindError("operator.kind", f"unknown kind {shown}", f"one of {sorted(OPERATORS)}")
     return cls
 
 
@@ -55,11 +55,6 @@ def build_operator(spec: dict, in_shape) -> Operator:
     return operator_class(spec).from_spec(spec, in_shape)
 
 
-def operator_schemas() -> dict[str, dict]:
-    """JSON schema of each kind's parameters (``GET /v1/operators``)."""
-    return {kind: cls.json_schema() for kind, cls in OPERATORS.items()}
-
-
 # ----------------------------------------------------------------------------- PDE block helpers
 def _number(value, field: str, **bounds) -> float:
     return checked(field, number, value, **bounds)
@@ -73,10 +68,10 @@ def _keys(params: dict, field: str, allowed: set, required: set = frozenset()):
     unknown = sorted(set(params) - allowed)
     if unknown:
         fail(field, f"unknown parameter(s) {unknown}",
-             f"send only {sorted(allowed)}" if allowed else "send no parameters besides kind")
+             f"only {sorted(allowed)}" if allowed else "no parameters besides kind")
     missing = sorted(required - set(params))
     if missing:
-        fail(field, f"missing parameter(s) {missing}", f"send {missing}")
+        fail(field, f"missing parameter(s) {missing}", f"{missing}")
 
 
 _check_in_shape = check_in_shape
@@ -97,33 +92,33 @@ def build_pde(spec: dict | None, in_shape, defaults: dict | None) -> PDEResidual
     """
     c, n, m = _check_in_shape(in_shape)
     if not defaults or not defaults.get("kind"):
-        raise OperatorSpecError("pde: this model has no PDE; send pde: null")
+        raise OperatorSpecError("pde", "this model has no PDE", "pde: null")
     card_kind = defaults["kind"]
     spec = {} if spec is None else spec
     if not isinstance(spec, dict):
-        _fail("pde", f"expected an object, got {type(spec).__name__}", f'send {{"kind": "{card_kind}"}}')
+        _fail("pde", f"expected an object, got {type(spec).__name__}", f'{{"kind": "{card_kind}"}}')
     kind = spec.get("kind", card_kind)
     if kind not in PDE_RESIDUALS:
-        raise UnknownKindError(f"pde.kind: unknown PDE {kind!r}; send {card_kind!r} (this model's PDE)")
+        raise UnknownKindError("pde.kind", f"unknown PDE {kind!r}", f"{card_kind!r} (this model's PDE)")
     if kind != card_kind:
-        raise OperatorSpecError(f"pde.kind: this model's PDE is {card_kind!r}, not {kind!r}; "
-                                f'send {{"kind": "{card_kind}"}}')
+        raise OperatorSpecError("pde.kind", f"this model's PDE is {card_kind!r}, not {kind!r}",
+                                f'{{"kind": "{card_kind}"}}')
     allowed = _PDE_PARAMS[kind]
     overrides = {k: v for k, v in spec.items() if k != "kind"}
     _keys(overrides, "pde", allowed)
     params = {**{k: v for k, v in defaults.items() if k in allowed}, **overrides}
     if n != m or n < 3:
-        raise OperatorSpecError(f"pde: needs an N x N grid with N >= 3, the model is {n} x {m}")
+        raise OperatorSpecError("pde", f"needs an N x N grid with N >= 3, the model is {n} x {m}")
     if "h" in defaults and not math.isclose(float(defaults["h"]), grid_spacing(n), rel_tol=1e-9):
-        raise OperatorSpecError(f"pde: the card's h={defaults['h']} does not match 1/(N-1) "
-                                f"for N={n}; fix the model card")
+        raise OperatorSpecError("pde", f"the card's h={defaults['h']} does not match 1/(N-1) for N={n} "
+                                "(the model card is wrong)")
     kwargs: dict[str, Any] = {}
     channels = params.get("channels", (0, 1))
     if isinstance(channels, (str, bytes, dict)) or not hasattr(channels, "__len__") or len(channels) != 2:
-        _fail("pde.channels", f"expected [a index, u index], got {channels!r}", "send two channel indices")
+        _fail("pde.channels", f"expected [a index, u index], got {channels!r}", "two channel indices")
     channels = tuple(_integer(i, "pde.channels", minimum=0, maximum=c - 1) for i in channels)
     if channels[0] == channels[1]:
-        _fail("pde.channels", "a and u are the same channel", "send two different indices")
+        _fail("pde.channels", "a and u are the same channel", "two different indices")
     kwargs["channels"] = channels
     if kind == "darcy":
         kwargs["f"] = _number(params.get("f", 1.0), "pde.f")

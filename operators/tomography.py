@@ -45,15 +45,15 @@ def _angles(value) -> tuple[float, ...]:
     if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)):
         values = np.asarray(value.tolist() if isinstance(value, torch.Tensor) else value, dtype=object)
         if values.ndim != 1 or not 1 <= len(values) <= MAX_ANGLES:
-            raise Invalid(f"has shape {list(values.shape)}", f"send a flat list of 1..{MAX_ANGLES} angles "
+            raise Invalid(f"has shape {list(values.shape)}", f"a flat list of 1..{MAX_ANGLES} angles "
                           "in degrees")
         return tuple(number(v) for v in values)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise Invalid(f"expected a count or a list of angles, got {type(value).__name__}",
-                      f"send a count 1..{MAX_ANGLES} or a list of angles in degrees")
+                      f"a count 1..{MAX_ANGLES} or a list of angles in degrees")
     v = number(value, minimum=1)
     if not v.is_integer() or v > MAX_ANGLES:
-        raise Invalid(f"{v:g} is not a count of angles", f"send a whole number 1..{MAX_ANGLES}")
+        raise Invalid(f"{v:g} is not a count of angles", f"a whole number 1..{MAX_ANGLES}")
     n = int(v)
     return tuple(180.0 * i / n for i in range(n))
 
@@ -114,10 +114,10 @@ class CT(LinearOperator):
         n_angles = len(spec.angles)
         if n_angles * g * g > MAX_POSITIONS:
             fail("operator.angles", f"{n_angles} angles on a {h} x {w} image are over the limit of "
-                 f"{MAX_POSITIONS} sampling positions", f"send at most {MAX_POSITIONS // (g * g)} angles")
+                 f"{MAX_POSITIONS} sampling positions", f"at most {MAX_POSITIONS // (g * g)} angles")
         detectors = g if spec.detectors is None else spec.detectors
         if detectors > 4 * g:
-            fail("operator.detectors", f"{detectors} cells on a row of {g} pixels", f"send at most {4 * g}")
+            fail("operator.detectors", f"{detectors} cells on a row of {g} pixels", f"at most {4 * g}")
         return {"angles": list(spec.angles), "detectors": detectors}
 
     def __init__(self, in_shape, angles, detectors=None):

@@ -22,12 +22,15 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from guidance.registry import METHODS, per_channel_weights_problem
+from guidance.params import MethodError
+from guidance.registry import METHODS
 from guidance.solve import Plan, plan_method
-from operators.params import spec_message
-from operators.spec import OPERATORS, OperatorSpecError, UnknownKindError, build_pde, operator_class
+from operators.checks import OperatorSpecError
+from operators.spec import OPERATORS, build_pde
 
-from .codecs import CodecError, decode_array, is_encoded
+from .api.methods import method_error
+from .api.operators import operator_error
+from .codecs import CodecError, decode_array
 from .errors import ApiError
 from .problem import Problem, digest
 from .ranges import check_observation
@@ -100,28 +103,6 @@ def precheck_kinds(body: Any) -> None:
                        f"method.name is not a known method; send one of {sorted(METHODS)} (GET /v1/methods)")
 
 
-def check_blocks(body: dict) -> None:
-    """The ``operator`` and ``method`` blocks against their own models (the kind's ``Spec``, the
-    method's ``spec_model()``): 422 ``invalid_operator`` / ``invalid_method`` saying which
-    parameter is wrong and what to send. Nothing is decoded: arrays are checked for structure."""
-    op = body.get("operator")
-    if isinstance(op, dict) and isinstance(op.get("kind"), str) and op["kind"] in OPERATORS:
-        try:
-            OPERATORS[op["kind"]].parse_spec(op)
-        except OperatorSpecError as e:
-            raise ApiError(422, "invalid_operator", str(e)) from None
-    m = body.get("method")
-    if isinstance(m, dict):
-        name = m.get("name")
-        model = (MethodDefaults if name is None else
-                 METHODS[name].spec_model() if isinstance(name, str) and name in METHODS else None)
-        if model is not None:
-            try:
-                model.model_validate(m)
-            except ValidationError as e:
-                raise ApiError(422, "invalid_method", spec_message(e, model, "method", "GET /v1/methods")) from None
-
-
 def method_params(method) -> tuple[str | None, dict]:
     """``(name or None, the parameters the request sets)`` of a validated method block."""
     if method is None:
@@ -136,21 +117,19 @@ def method_params(method) -> tuple[str | None, dict]:
     return name, params
 
 
-def _decode_operator(spec: dict, settings, files, arrays: dict) -> dict:
-    """The operator spec with its arrays decoded (each also put in ``arrays`` as ``operator.<k>``)."""
-    out = {}
-    array_fields = operator_class(spec).Spec.array_fields()
-    for k, v in spec.items():
-        if v is not None and (k in array_fields or is_encoded(v)):
-            try:
-                out[k], _ = decode_array(v, f"operator.{k}", max_elements=settings.max_array_elements,
-                                         files=files)
-            except CodecError as e:
-                raise _codec(e) from None
-            arrays[f"operator.{k}"] = out[k]
-        else:
-            out[k] = v
-    return out
+def _decode_operator(spec, settings, files, arrays: dict):
+    """The parsed spec with its arrays decoded (each also put in ``arrays`` as ``operator.<k>``)."""
+    decoded = {}
+    for k in type(spec).array_fields():
+        v = getattr(spec, k)
+        if v is None:
+            continue
+        try:
+            decoded[k], _ = decode_array(v, f"operator.{k}", max_elements=settings.max_array_elements, files=files)
+        except CodecError as e:
+            raise _codec(e) from None
+        arrays[f"operator.{k}"] = decoded[k]
+    return spec.model_copy(update=decoded)
 
 
 def job_cost(plan: Plan, num_samples: int, shape) -> float:
@@ -166,6 +145,7 @@ class Admission:
     body: dict
     model: Any  # models.checkpoint.LoadedModel
     shape: tuple
+    operator_spec: Any  # the parsed operator block (arrays still encoded)
     plan: Plan
     num_samples: int
     seed: int
@@ -181,7 +161,6 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admi
         raise ApiError(422, "invalid_request", "the body must be a JSON object; send "
                        '{"model": ..., "operator": {...}, "observation": ..., ...} as in API.md')
     precheck_kinds(body)
-    check_blocks(body)
     try:
         req = request_model.model_validate(body)
     except ValidationError as e:
@@ -209,6 +188,8 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admi
         plan = plan_method(card, model.denoiser, name, params)
     except KeyError as e:
         raise ApiError(404, "unknown_method", str(e).strip("'\"")) from None
+    except MethodError as e:
+        raise method_error(e, params, card["id"], name or "its default method") from None
     except (ValueError, TypeError, OverflowError) as e:
         msg = str(e).splitlines()[0][:300] if str(e) else "invalid value"
         raise ApiError(422, "invalid_method", f"method: {msg}; see GET /v1/methods for the parameters "
@@ -221,11 +202,6 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admi
     if calls.network_calls > settings.max_nfe:
         raise ApiError(422, "invalid_method", f"method: the parameters plan {calls.network_calls} network "
                        f"evaluations, over the limit of {settings.max_nfe}; send fewer steps or corrector steps")
-    for f_name in ("zeta_obs", "zeta"):
-        w = getattr(cfg, f_name, None)
-        if isinstance(w, tuple) and len(w) != shape[0]:
-            raise ApiError(422, "invalid_method", f"method.{f_name}: {len(w)} weights for a model with "
-                           f"{shape[0]} channels; send one number or {shape[0]} numbers")
     cost = job_cost(plan, req.num_samples, shape)
     if cost > settings.max_job_cost:
         per_sample = cost / req.num_samples
@@ -236,39 +212,34 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admi
                        f"({calls.network_calls} network calls and {calls.backprops} backprops per sample, "
                        f"x {req.num_samples} samples x {math.prod(shape)} values), over the limit of "
                        f"{settings.max_job_cost:.3g}; {hint}, or split it into several jobs")
-    return Admission(body=body, model=model, shape=shape, plan=plan, num_samples=int(req.num_samples),
+    return Admission(body=body, model=model, shape=shape, operator_spec=req.operator, plan=plan, num_samples=int(req.num_samples),
                      seed=int(req.seed), noise_sigma=float(req.noise_sigma),
                      returns=tuple(dict.fromkeys(req.return_)), completion=req.completion, cost=cost)
 
 
-def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
-    """The costly half: ``(Problem, arrays, stored_body)``; ``stored_body`` is the request with
-    every array replaced by ``{"file": name}`` for the name it has in ``arrays``."""
-    body, card, shape, kind = adm.body, adm.model.card, adm.shape, None
-    arrays: dict[str, np.ndarray] = {}
+def _operator(adm: Admission, settings, files, arrays: dict):
+    """``(operator, its constructor's arguments)`` from the parsed block, arrays decoded (422)."""
+    spec = _decode_operator(adm.operator_spec, settings, files, arrays)
+    cls = OPERATORS[spec.kind_name()]
     try:
-        obs, from_image = decode_array(body["observation"], "observation",
-                                       max_elements=settings.max_array_elements, files=files,
-                                       scale_integers=card.get("kind") == "image")  # uint8/16 .npy like PNG
+        kwargs = cls.check_spec(spec, adm.shape)
+    except OperatorSpecError as e:
+        raise operator_error(e) from None
+    return cls(adm.shape, **kwargs), kwargs
+
+
+def _decode_observation(adm: Admission, settings, files) -> tuple[np.ndarray, bool]:
+    """``(observation, came from an image)`` decoded (413/422)."""
+    try:
+        return decode_array(adm.body["observation"], "observation", max_elements=settings.max_array_elements,
+                            files=files, scale_integers=adm.model.card.get("kind") == "image")  # uint8/16 like PNG
     except CodecError as e:
         raise _codec(e) from None
-    try:
-        cls = operator_class(body["operator"])
-        spec = _decode_operator(body["operator"], settings, files, arrays)
-        kwargs = cls.validate_spec(spec, shape)
-        operator = cls(shape, **kwargs)
-    except UnknownKindError as e:  # pragma: no cover - caught by precheck_kinds
-        raise ApiError(404, "unknown_operator", str(e)) from None
-    except OperatorSpecError as e:
-        raise ApiError(422, "invalid_operator", str(e)) from None
-    kind = cls.kind
-    weights_problem = per_channel_weights_problem(adm.plan.config, operator)
-    if weights_problem is not None:
-        sent = body.get("method") if isinstance(body.get("method"), dict) else {}
-        field = weights_problem.split(":", 1)[0]
-        whence = "" if field in sent else (f" (the value is model {card['id']}'s tuned default for "
-                                           f"{adm.plan.name})")
-        raise ApiError(422, "invalid_method", f"method.{weights_problem}{whence}; see GET /v1/methods")
+
+
+def _fit_observation(adm: Admission, operator, obs: np.ndarray, from_image: bool) -> np.ndarray:
+    """The observation checked against the operator's observation shape (422)."""
+    card, shape = adm.model.card, adm.shape
     obs_shape = tuple(int(s) for s in operator.obs_shape)
     if obs.ndim == 2 and len(obs_shape) == 3 and obs_shape[0] == 1 and obs.shape == obs_shape[1:]:
         obs = obs[None]  # a grayscale image or [H, W] array for a one-channel model
@@ -280,51 +251,55 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
             elif obs_shape[0] == 3 and obs.ndim == 2:
                 hint = " (a grayscale image for a 3-channel model: send an RGB image)"
         raise ApiError(422, "shape_mismatch",
-                       f"observation has shape {_shape(obs.shape)}, but operator {kind} on model "
+                       f"observation has shape {_shape(obs.shape)}, but operator {operator.kind} on model "
                        f"{card['id']} (shape {_shape(shape)}) observes shape {_shape(obs_shape)}; "
                        f"send an observation of shape {_shape(obs_shape)}{hint}")
-    arrays["observation"] = obs
-    # entries the operator never produces (unobserved pixels, unsampled k-space) are ignored:
-    # zeroed, so residuals and DPS's normalization see only what was observed
-    y = operator.observed(torch.as_tensor(obs, dtype=torch.float64)[None])[0]
-    check_observation(card, operator, y, adm.noise_sigma)  # 422 out_of_range (service/ranges.py)
+    return obs
 
-    pde = pde_metric = None
+
+def _pde(adm: Admission) -> tuple:
+    """``(the requested PDE term or None, the PDE whose residual is reported, the pde block)``."""
+    card, body = adm.model.card, adm.body
     pde_spec = dict(body["pde"]) if body.get("pde") is not None else None
     if pde_spec is not None:
         try:
-            pde = build_pde(pde_spec, shape, card.get("pde"))
+            pde = build_pde(pde_spec, adm.shape, card.get("pde"))
         except OperatorSpecError as e:
-            raise ApiError(422, "invalid_pde", str(e)) from None
+            raise operator_error(e, "invalid_pde") from None
         except (TypeError, ValueError) as e:
             raise ApiError(422, "invalid_pde", f"pde: {e}; send {{\"kind\": ...}} as on the model card") from None
-        pde_metric = pde
-    elif card.get("pde"):
-        try:
-            pde_metric = build_pde(None, shape, card["pde"])
-        except (OperatorSpecError, TypeError, ValueError):
-            pde_metric = None
-    if adm.plan.name == "ald" and not operator.linear:
-        raise ApiError(422, "invalid_method", "method: ald needs a linear operator; send dps, "
-                       "diffusion_pde or fast")
-    cfg = adm.plan.config
-    if getattr(cfg, "cg_iters", None) == 0 and not (operator.linear and not (pde is not None and cfg.zeta_pde)):
-        raise ApiError(422, "invalid_method", "method.cg_iters: 0 leaves only the proximal data step, which "
-                       "needs a linear operator without a PDE term; send cg_iters >= 1")
-
-    svd_available = False
+        return pde, pde, pde_spec
     try:
-        svd_available = operator.linear and operator.svd() is not None
-    except Exception:  # noqa: BLE001 - an operator without a usable svd just batches by identity
-        svd_available = True
-    problem = Problem(model=adm.model, operator=operator, operator_digest=digest({"kind": kind, **kwargs}),
+        return None, (build_pde(None, adm.shape, card["pde"]) if card.get("pde") else None), None
+    except (OperatorSpecError, TypeError, ValueError):
+        return None, None, None
+
+
+def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
+    """The costly half: ``(Problem, arrays, stored_body)``; ``stored_body`` is the request with
+    every array replaced by ``{"file": name}`` for the name it has in ``arrays``."""
+    arrays: dict[str, np.ndarray] = {}
+    obs, from_image = _decode_observation(adm, settings, files)
+    operator, kwargs = _operator(adm, settings, files, arrays)
+    obs = arrays["observation"] = _fit_observation(adm, operator, obs, from_image)
+    # entries the operator never produces (unobserved pixels, unsampled k-space) are ignored:
+    # zeroed, so residuals and DPS's normalization see only what was observed
+    y = operator.observed(torch.as_tensor(obs, dtype=torch.float64)[None])[0]
+    check_observation(adm.model.card, operator, y, adm.noise_sigma)  # 422 out_of_range (service/ranges.py)
+    pde, pde_metric, pde_spec = _pde(adm)
+    try:
+        adm.plan.config.check(operator, pde)  # the method's own rules of fit
+    except MethodError as e:
+        sent = adm.body.get("method") if isinstance(adm.body.get("method"), dict) else {}
+        raise method_error(e, sent, adm.model.card["id"], adm.plan.name) from None
+    problem = Problem(model=adm.model, operator=operator, operator_digest=digest({"kind": operator.kind, **kwargs}),
                       y=y, noise_sigma=adm.noise_sigma, pde=pde, pde_metric=pde_metric,
                       pde_digest=digest(pde_spec), plan=adm.plan, num_samples=adm.num_samples,
                       seed=adm.seed, returns=adm.returns, completion=adm.completion,
-                      svd_available=bool(svd_available), cost=adm.cost)
-    stored = dict(body, observation={"file": "observation"},
+                      exclusive=adm.plan.config.exclusive(operator), cost=adm.cost)
+    stored = dict(adm.body, observation={"file": "observation"},
                   operator={k: ({"file": f"operator.{k}"} if f"operator.{k}" in arrays else v)
-                            for k, v in body["operator"].items()})
+                            for k, v in adm.body["operator"].items()})
     return problem, arrays, stored
 
 

@@ -1,16 +1,16 @@
 """Request and response bodies of the HTTP API (API.md). Imports no torch.
 
-The request's ``operator`` block is the union of the operator kinds' own spec models
-(``operators.OPERATORS[kind].Spec``), discriminated by ``kind``, and ``method`` the union of the
-methods' models (``guidance.METHODS[name].spec_model()``), discriminated by ``name``, or a block
-without a name (the model card's default method). Since the registries import torch, the app
+The request's ``operator`` block is the union of the operator kinds' wire models
+(``service.api.operators.wire_spec``), discriminated by ``kind``, and ``method`` the union of the
+methods' request models (``service.api.methods.method_model``), discriminated by ``name``, or a
+block without a name (the model card's default method). Since the registries import torch, the app
 builds the request model with ``make_request_model(OPERATORS, METHODS)`` (or their keys) at start.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WrapValidator, model_validator
 
 MAX_SEED = 2**63 - 1
 ReturnName = Literal["mean", "std", "samples"]
@@ -190,13 +190,48 @@ def method_union(method_models: Sequence[type[BaseModel]]) -> Any:
                            Annotated[MethodDefaults, Tag("default")]], Discriminator(_method_branch)]
 
 
+def _operator_block(operators: Mapping[str, Any]):
+    """Parse a known kind's block once, by its wire model; errors answer 422 ``invalid_operator``
+    at once (before the request's other fields are reported)."""
+    from operators.checks import OperatorSpecError
+
+    from .api.operators import operator_error, parse_operator
+
+    def validate(value, handler):
+        if isinstance(value, dict) and isinstance(value.get("kind"), str) and value["kind"] in operators:
+            try:
+                return parse_operator(operators[value["kind"]], value)
+            except OperatorSpecError as e:
+                raise operator_error(e) from None
+        return handler(value)
+    return WrapValidator(validate)
+
+
+def _method_block(methods: Mapping[str, Any]):
+    """Parse a method block once, by the named method's model (or ``MethodDefaults``); errors
+    answer 422 ``invalid_method`` at once."""
+    from .api.methods import method_model, parse_method
+
+    def validate(value, handler):
+        if isinstance(value, dict):
+            name = value.get("name")
+            if name is None:
+                return parse_method(MethodDefaults, value)
+            if isinstance(name, str) and name in methods:
+                return parse_method(method_model(methods[name]), value)
+        return handler(value)
+    return WrapValidator(validate)
+
+
 def make_request_model(operators: Mapping[str, Any] | Sequence[str],
                        methods: Mapping[str, Any] | Sequence[str]) -> type[BaseModel]:
     """The body of ``POST /v1/jobs`` and ``POST /v1/reconstruct``.
 
-    ``operators``: kind -> operator class (``operators.OPERATORS``; each has a ``Spec`` model), or
-    kind names looked up there; ``methods``: name -> method (``guidance.METHODS``; each has
-    ``spec_model()``), or names looked up there (the lookups import torch; this module does not).
+    ``operators``: kind -> operator class (``operators.OPERATORS``), or kind names looked up
+    there; ``methods``: name -> method (``guidance.METHODS``), or names looked up there (the
+    lookups import torch; this module does not). The ``operator`` and ``method`` blocks are the
+    unions of the kinds' wire models and the methods' request models (``service.api``), each
+    block parsed once, by its own model.
     """
     if not isinstance(operators, Mapping):
         from operators.spec import OPERATORS
@@ -204,8 +239,12 @@ def make_request_model(operators: Mapping[str, Any] | Sequence[str],
     if not isinstance(methods, Mapping):
         from guidance.registry import METHODS
         methods = {k: METHODS[k] for k in methods}
-    OperatorSpec = _tagged([cls.Spec for cls in operators.values()], "kind")  # noqa: N806
-    MethodSpec = method_union([m.spec_model() for m in methods.values()])  # noqa: N806
+    from .api.methods import method_model
+    from .api.operators import wire_spec
+    OperatorSpec = Annotated[_tagged([wire_spec(cls.Spec) for cls in operators.values()], "kind"),  # noqa: N806
+                             _operator_block(operators)]
+    MethodSpec = Annotated[method_union([method_model(m) for m in methods.values()]),  # noqa: N806
+                           _method_block(methods)]
 
     class PDESpec(BaseModel):
         """``{"kind": <the model's PDE>, ...overrides}``: adds the PDE-residual term."""

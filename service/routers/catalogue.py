@@ -8,6 +8,7 @@ from guidance.registry import METHODS
 from operators.spec import OPERATORS
 
 from .. import schemas
+from ..api.operators import describe_operator
 from ..deps import AUTH, READY, State, get_state
 from ..errors import ApiError
 from .common import ERROR_RESPONSES, public_card
@@ -33,9 +34,7 @@ async def get_model(model_id: str, state: State = Depends(get_state)):
 @router.get("/v1/operators", response_model=schemas.OperatorList, dependencies=AUTH, responses=ERROR_RESPONSES)
 async def list_operators():
     """The operator kinds, each with the JSON schema of its parameters and its observation shape."""
-    return JSONResponse({"operators": [
-        {"kind": k, "observation_shape": cls.observation_shape, "schema": cls.json_schema()}
-        for k, cls in OPERATORS.items()]})
+    return JSONResponse({"operators": [describe_operator(cls) for cls in OPERATORS.values()]})
 
 
 @router.get("/v1/methods", response_model=schemas.MethodList, dependencies=AUTH, responses=ERROR_RESPONSES)

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from operators import OPERATORS, LinearOperator, Operator, OperatorSpecError, build_operator
 from operators.params import Array, Integer, OperatorSpec, array, fail
+from service.api.operators import operator_schema, parse_operator
 
 SHAPE = (2, 8, 8)
 MASK = (np.arange(64).reshape(8, 8) % 3 == 0).astype(float)
@@ -28,7 +29,7 @@ def test_every_registered_kind_is_one_complete_class():
     for kind, cls in OPERATORS.items():
         assert cls.kind == kind and cls.Spec is not None and cls.Spec.kind_name() == kind
         assert cls.observation_shape.startswith("[")
-        schema = cls.json_schema()
+        schema = operator_schema(cls)
         assert schema["title"] == kind and schema["properties"]["kind"]["const"] == kind
         assert set(cls.Spec.array_fields()) <= set(schema["properties"])
 
@@ -47,14 +48,18 @@ def test_from_spec_is_build_operator(kind):
 
 
 def test_parse_checks_structure_only_and_takes_encodings():
-    """Parsing (what the service does before decoding anything) accepts every array encoding;
-    the shape checks then need decoded arrays."""
+    """Parsing by the kind's wire model (what the service does before decoding anything) accepts
+    every array encoding; the kind's own model takes arrays only; the shape checks need decoded arrays."""
     inp = OPERATORS["inpainting"]
     for enc in ({"npy": "AAAA"}, {"png": "x"}, {"tiff": "x"}, {"file": "mask"}, [[1, 0]], np.ones(3)):
-        assert inp.parse_spec({"kind": "inpainting", "mask": enc}).mask is enc
+        assert parse_operator(inp, {"kind": "inpainting", "mask": enc}).mask is enc
     for bad in ({"npy": "a", "png": "b"}, {"npz": "x"}, {"npy": 3}, "mask", 3.0, None):
         with pytest.raises(OperatorSpecError, match="operator.mask"):
+            parse_operator(inp, {"kind": "inpainting", "mask": bad})
+        with pytest.raises(OperatorSpecError, match="operator.mask"):
             inp.parse_spec({"kind": "inpainting", "mask": bad})
+    for arr in ([[1, 0]], np.ones(3)):
+        assert inp.parse_spec({"kind": "inpainting", "mask": arr}).mask is arr
     with pytest.raises(OperatorSpecError, match="expected an array"):
         inp.validate_spec({"kind": "inpainting", "mask": {"npy": "AAAA"}}, SHAPE)
 
@@ -84,7 +89,7 @@ class NegateRows(LinearOperator):
     @classmethod
     def check_spec(cls, spec, in_shape):
         if spec.rows > in_shape[1]:
-            fail("operator.rows", f"{spec.rows} > H = {in_shape[1]}", f"send at most {in_shape[1]}")
+            fail("operator.rows", f"{spec.rows} > H = {in_shape[1]}", f"at most {in_shape[1]}")
         w = np.ones(in_shape[0]) if spec.weights is None else array(spec.weights, "operator.weights")
         return {"rows": spec.rows, "weights": w}
 

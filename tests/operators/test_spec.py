@@ -1,4 +1,5 @@
-"""Spec validation: every bad input is an OperatorSpecError saying what to send; schemas; PDE blocks."""
+"""Spec validation: every bad input is an OperatorSpecError saying what is expected; the wire
+schemas the service derives; PDE blocks."""
 import json
 import math
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from operators import (OPERATORS, Blur, CompressedSensing, DarcyResidual, HelmholtzResidual,
-                       OperatorSpecError, UnknownKindError, build_operator, build_pde,
-                       operator_schemas)
+                       OperatorSpecError, UnknownKindError, build_operator, build_pde)
+from service.api.operators import operator_schema
 
 S1 = (1, 16, 16)
 S2 = (2, 16, 16)
@@ -18,7 +19,7 @@ NAN_MASK[3, 3] = np.nan
 
 BAD = {
     # kind / structure
-    "unknown kind": ({"kind": "deblur"}, S1, "send one of"),
+    "unknown kind": ({"kind": "deblur"}, S1, "expected one of"),
     "missing kind": ({"mask": ONES}, S1, "unknown kind"),
     "not an object": ("blur", S1, "expected an object"),
     "unknown parameter": ({"kind": "identity", "mask": ONES}, S1, "unknown parameter"),
@@ -62,7 +63,7 @@ BAD = {
     "motion seed fraction": ({"kind": "blur", "motion": {"size": 5, "seed": 1.5}}, S1, "integer"),
     "boundary": ({"kind": "blur", "kernel": np.ones((3, 3)), "boundary": "zero"}, S1, "reflect"),
     # super-resolution
-    "factor not dividing": ({"kind": "super_resolution", "factor": 3}, S1, "send one of [1, 2, 4, 8, 16]"),
+    "factor not dividing": ({"kind": "super_resolution", "factor": 3}, S1, "expected one of [1, 2, 4, 8, 16]"),
     "factor zero": ({"kind": "super_resolution", "factor": 0}, S1, ">= 1"),
     "factor fraction": ({"kind": "super_resolution", "factor": 2.5}, S1, "integer"),
     "factor bool": ({"kind": "super_resolution", "factor": True}, S1, "expected a number"),
@@ -91,7 +92,7 @@ def test_bad_spec_raises_with_a_helpful_message(case):
     msg = str(err.value)
     assert isinstance(err.value, ValueError)
     assert expect in msg, msg
-    assert ";" in msg or "in_shape" in msg  # "<what was wrong>; <what to send instead>"
+    assert ";" in msg or "in_shape" in msg  # "<what was wrong>; expected <what instead>"
     assert len(msg) < 400  # never echoes the input back
 
 
@@ -137,7 +138,7 @@ def test_operators_copy_their_arrays():
 
 
 def test_schemas_for_every_kind():
-    schemas = operator_schemas()
+    schemas = {kind: operator_schema(cls) for kind, cls in OPERATORS.items()}
     assert set(schemas) == set(OPERATORS)
     json.dumps(schemas)  # plain JSON
     for kind, s in schemas.items():

@@ -1,7 +1,7 @@
-"""Issue 9 item 3: the service knows operator kinds and methods only through their classes.
+"""The service knows operator kinds and methods only through their own declarations.
 
-The request's OpenAPI schema is the union of the kinds' spec models (by ``kind``) and of the
-methods' models (by ``name``); operator arrays take every array encoding; error codes are kept;
+The request's OpenAPI schema is the union of the kinds' wire models (by ``kind``) and of the
+methods' request models (by ``name``), both derived by ``service.api`` from the declarations; operator arrays take every array encoding; error codes are kept;
 a per-channel weight with a channel-mixing operator is refused with a 422 that says why.
 """
 import base64
@@ -15,6 +15,8 @@ from PIL import Image
 
 from guidance.registry import METHODS
 from operators.spec import OPERATORS
+from service.api.methods import method_model
+from service.api.operators import operator_schema
 from tests.helpers.service import MASK, body, decode, npy_b64
 
 
@@ -35,7 +37,7 @@ def test_openapi_request_is_the_union_of_the_kinds_and_methods(client):
     for kind, cls in OPERATORS.items():
         spec = comps[cls.Spec.__name__]
         assert spec["additionalProperties"] is False and spec["properties"]["kind"]["const"] == kind
-        own = cls.json_schema()  # GET /v1/operators shows the same parameters
+        own = operator_schema(cls)  # GET /v1/operators shows the same parameters
         assert set(spec["properties"]) == set(own["properties"])
         for name in cls.Spec.array_fields():  # arrays: a nested list or any encoding
             flat = json.dumps(spec["properties"][name])
@@ -45,7 +47,7 @@ def test_openapi_request_is_the_union_of_the_kinds_and_methods(client):
     assert set(named["discriminator"]["mapping"]) == set(METHODS)
     assert default == {"$ref": "#/components/schemas/MethodDefaults"}
     for name, method in METHODS.items():
-        m = comps[method.spec_model().__name__]
+        m = comps[method_model(method).__name__]
         assert m["additionalProperties"] is False and m["required"] == ["name"]
         steps = m["properties"]["steps"]["anyOf"][0]
         assert steps == {"type": "integer", "minimum": 1}
@@ -62,7 +64,7 @@ def test_catalogue_comes_from_the_classes(client):
     assert [o["kind"] for o in ops] == list(OPERATORS)
     for o in ops:
         cls = OPERATORS[o["kind"]]
-        assert o["observation_shape"] == cls.observation_shape and o["schema"] == cls.json_schema()
+        assert o["observation_shape"] == cls.observation_shape and o["schema"] == operator_schema(cls)
 
 
 def test_error_codes(client):
