@@ -8,7 +8,7 @@
 #     run(command="bash bench/train_device.sh", timeout_s=540)
 # then, here, with the reply's files_at folder:
 #     bash bench/train_device_fetch.sh FILES_AT          # checks, then copies into checkpoints/<id>/
-# (docs/train-on-gpu.md says more.) For each MODEL, models/train_device.py copies
+# (docs/training.md says more.) For each MODEL, models/train_device.py copies
 # checkpoints/MODEL/{resume,weights}.safetensors + card.json into a scratch folder, resumes
 # from them as `reconserve train --resume` does (model, EMA, Adam moments, RNG, step, saved lr,
 # warm-up, EMA half-life and step target) with batch $TRAIN_DEVICE_BATCH (256), generates the
