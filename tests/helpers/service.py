@@ -108,6 +108,6 @@ def metric(client, name, **labels) -> float:
     """A sample's value in ``GET /metrics`` (0.0 where it is absent)."""
     text = client.get("/metrics").text
     sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pat = re.escape(name) + (r"\{" + re.escape(sel) + r"\}" if sel else r"(\{\})?") + r" ([0-9.e+-]+)"
+    pat = re.escape(name) + (r"\{" + re.escape(sel) + r"\}" if sel else r"(?:\{\})?") + r" ([0-9.e+-]+)"
     m = re.search(pat, text)
     return float(m.group(1)) if m else 0.0
