@@ -1,5 +1,6 @@
 """How a method declares its parameters: each field of its (frozen dataclass) config carries
-a one-line meaning and its range, and ``check_config`` checks a config against them.
+a one-line meaning and its range, and ``check_config`` checks a config against them; the base
+of every config (``SamplerConfig``: checks, rules of fit, cost).
 
 ``param(1.0, "weight of the prior", minimum=0)`` is a dataclass field whose metadata holds a
 ``Declared``; the service turns the declarations into its request schema, this module checks
@@ -11,8 +12,11 @@ import dataclasses
 import functools
 import math
 import typing
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from operators.base import Operator
 
 
 class MethodError(ValueError):
@@ -78,3 +82,50 @@ def check_config(config) -> None:
         v = getattr(config, f.name)
         for e in v if isinstance(v, tuple) else (v,):
             _check_value(f.name, e, declared(f))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one run costs per posterior sample (a batched call serves every row at once):
+    network evaluations and backward passes through the network (vector-Jacobian products)."""
+
+    network_calls: int
+    backprops: int
+
+
+class SamplerConfig:
+    """What every method config shares. Subclasses are frozen dataclasses whose fields are
+    declared with ``params.param`` (meaning and range); they say what a run costs (``cost``),
+    calls per step (``nfe_per_step``), and add their own rules of fit to a problem (``check``)."""
+
+    def validate(self) -> None:
+        """Raise ``MethodError`` on a value outside its declared range."""
+        check_config(self)
+
+    def check(self, operator: "Operator", pde: "Operator | None" = None) -> None:
+        """Raise ``MethodError`` where this config cannot serve ``operator`` (with the PDE term
+        ``pde``). Per-channel weights (a tuple field) need one weight per channel, and, unless
+        equal, an operator whose observation entries each depend on one channel (a linear,
+        ``channel_separable`` one): only then does each channel's part of the misfit exist."""
+        channels = operator.in_shape[0]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, tuple):
+                continue
+            if len(v) != channels:
+                raise MethodError(f.name, f"{len(v)} weights for a model with {channels} channels",
+                                  f"one number or {channels} numbers")
+            if len(set(v)) > 1 and not (operator.linear and operator.channel_separable):
+                raise MethodError(f.name, f"per-channel weights {list(v)} need an operator whose observation "
+                                  f"entries each depend on one channel, and {operator.kind or type(operator).__name__} "
+                                  "mixes channels", f"one number for {f.name}")
+
+    def exclusive(self, operator: "Operator") -> bool:
+        """Whether only jobs with this very operator may share a run (default: any alike)."""
+        return False
+
+    def nfe_per_step(self) -> int:
+        raise NotImplementedError
+
+    def cost(self) -> Cost:
+        raise NotImplementedError

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .params import MethodError, per_channel
-from .samplers import (ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, Sampler, SamplerConfig, sample_ald,
+from .params import MethodError, SamplerConfig, per_channel
+from .samplers import (ALDConfig, DiffusionPDEConfig, DPSConfig, FastConfig, Sampler, sample_ald,
                        sample_diffusion_pde, sample_dps, sample_fast)
 
 

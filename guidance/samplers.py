@@ -14,7 +14,7 @@ host inside a step (see ``core``), so on CUDA a step only queues work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,7 +25,7 @@ from operators.base import Operator, batch_dot
 
 from .core import (Callback, Progress, SplitGenerator, ancestral_step, col, denoise_with_grad, dpmpp_2m_step,
                    heun_step, init_state, levels, randn_like, snr_step_size, state_dtype_of)
-from .params import MethodError, check_config, param
+from .params import Cost, MethodError, SamplerConfig, param
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
 
@@ -52,53 +52,6 @@ class Sampler(Protocol):
 
 
 # --------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
-class Cost:
-    """What one run costs per posterior sample (a batched call serves every row at once):
-    network evaluations and backward passes through the network (vector-Jacobian products)."""
-
-    network_calls: int
-    backprops: int
-
-
-class SamplerConfig:
-    """What every method config shares. Subclasses are frozen dataclasses whose fields are
-    declared with ``params.param`` (meaning and range); they say what a run costs (``cost``),
-    calls per step (``nfe_per_step``), and add their own rules of fit to a problem (``check``)."""
-
-    def validate(self) -> None:
-        """Raise ``MethodError`` on a value outside its declared range."""
-        check_config(self)
-
-    def check(self, operator: Operator, pde: Operator | None = None) -> None:
-        """Raise ``MethodError`` where this config cannot serve ``operator`` (with the PDE term
-        ``pde``). Per-channel weights (a tuple field) need one weight per channel, and, unless
-        equal, an operator whose observation entries each depend on one channel (a linear,
-        ``channel_separable`` one): only then does each channel's part of the misfit exist."""
-        channels = operator.in_shape[0]
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, tuple):
-                continue
-            if len(v) != channels:
-                raise MethodError(f.name, f"{len(v)} weights for a model with {channels} channels",
-                                  f"one number or {channels} numbers")
-            if len(set(v)) > 1 and not (operator.linear and operator.channel_separable):
-                raise MethodError(f.name, f"per-channel weights {list(v)} need an operator whose observation "
-                                  f"entries each depend on one channel, and {operator.kind or type(operator).__name__} "
-                                  "mixes channels", f"one number for {f.name}")
-
-    def exclusive(self, operator: Operator) -> bool:
-        """Whether only jobs with this very operator may share a run (default: any alike)."""
-        return False
-
-    def nfe_per_step(self) -> int:
-        raise NotImplementedError
-
-    def cost(self) -> Cost:
-        raise NotImplementedError
-
-
 #: The parameters several methods share, declared once.
 def _steps(default: int):
     return param(default, "sampler steps (noise levels); null: the default", minimum=1)

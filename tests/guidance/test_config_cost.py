@@ -5,7 +5,7 @@ import torch
 from guidance.core import SplitGenerator
 from guidance.driver import network_problem
 from guidance.registry import METHODS
-from guidance.samplers import Cost
+from guidance.params import Cost
 from models.checkpoint import builtin_models
 from models.denoiser import CountingDenoiser, Denoiser
 from models.schedules import get_sigmas
