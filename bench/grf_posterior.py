@@ -29,7 +29,8 @@ from guidance.registry import METHODS  # noqa: E402
 from models.denoiser import CountingDenoiser  # noqa: E402
 from models.grf import GRFDenoiser  # noqa: E402
 from models.schedules import get_sigmas  # noqa: E402
-from operators.imaging import Blur, Inpainting  # noqa: E402
+from operators.blur import Blur  # noqa: E402
+from operators.imaging import Inpainting  # noqa: E402
 
 NOISE = 0.1
 

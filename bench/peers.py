@@ -84,7 +84,7 @@ from bench.common import (HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED, atomic_wr
 from bench.phantom_tasks import NOISE, SHAPE, TASKS, classical_baseline, observe, psnrs, task_spec  # noqa: E402
 from models.checkpoint import LoadedModel, load_checkpoint  # noqa: E402
 from models.denoiser import Denoiser as OurDenoiser  # noqa: E402
-from operators.imaging import gaussian_kernel  # noqa: E402
+from operators.blur import gaussian_kernel  # noqa: E402
 
 MODEL = "phantom-64"
 OUT = RESULTS / f"peers-{MODEL}.json"

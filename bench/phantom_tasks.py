@@ -51,7 +51,7 @@ from bench.common import (CHECKPOINTS, HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_n
                           check_held_out, environment, finite_mean, fmt, held_out_phantoms, merge_result,
                           model_info, parse_method, previous_tuning, progress_printer, run_samples,
                           task_bench_main, task_bench_parser, tune_method, update_card)
-from operators.imaging import gaussian_kernel  # noqa: E402
+from operators.blur import gaussian_kernel  # noqa: E402
 from operators.spec import build_operator  # noqa: E402
 
 MODEL = "phantom-64"

@@ -11,8 +11,9 @@ from importlib import import_module
 _WHERE = {
     "base": ("Operator", "LinearOperator", "Rescaled", "batch_dot", "conjugate_gradient"),
     "batched": ("BatchedOperator", "Unbatchable"),
-    "imaging": ("Identity", "Inpainting", "SparsePoints", "Blur", "SuperResolution", "CompressedSensing", "MRI",
-                "gaussian_kernel", "motion_kernel", "gaussian_matrix"),
+    "imaging": ("Identity", "Inpainting", "SparsePoints", "SuperResolution"),
+    "blur": ("Blur", "gaussian_kernel", "motion_kernel"),
+    "sensing": ("CompressedSensing", "MRI", "gaussian_matrix"),
     "tomography": ("CT",),
     "pde": ("PDEResidual", "DarcyResidual", "PoissonResidual", "HelmholtzResidual", "PDE_RESIDUALS",
             "grid_spacing", "solve_darcy", "solve_poisson", "solve_helmholtz"),

@@ -13,8 +13,9 @@ import math
 from typing import Any
 
 from .base import Operator
-from .imaging import (MAX_CS_ENTRIES, MRI, Blur, CompressedSensing, Identity, Inpainting, SparsePoints,
-                      SuperResolution)
+from .blur import Blur
+from .imaging import Identity, Inpainting, SparsePoints, SuperResolution
+from .sensing import MAX_CS_ENTRIES, MRI, CompressedSensing
 from .checks import (MAX_SEED, Invalid, OperatorSpecError, UnknownKindError, check_in_shape, checked, fail,
                      integer, number)
 from .pde import PDE_RESIDUALS, PDEResidual, grid_spacing

@@ -26,7 +26,8 @@ from models.denoiser import NetworkOptions, configure_network
 from models.grf import GRFDenoiser
 from models.schedules import get_sigmas
 from operators.base import LinearOperator
-from operators.imaging import Blur, Inpainting
+from operators.blur import Blur
+from operators.imaging import Inpainting
 
 pytestmark = pytest.mark.cuda
 

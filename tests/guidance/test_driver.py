@@ -10,7 +10,8 @@ from guidance.solve import plan_method, solve
 from models.checkpoint import builtin_models
 from models.denoiser import CountingDenoiser
 from operators import BatchedOperator, Unbatchable, batch_dot
-from operators.imaging import Blur, Inpainting
+from operators.blur import Blur
+from operators.imaging import Inpainting
 
 NOISE = 0.05
 

@@ -7,7 +7,8 @@ from guidance.exact import dense_matrix, gaussian_posterior
 from guidance.registry import METHODS
 from models.grf import GRFDenoiser
 from models.schedules import get_sigmas
-from operators.imaging import Blur, Inpainting
+from operators.blur import Blur
+from operators.imaging import Inpainting
 
 NOISE, SAMPLES = 0.1, 32
 

@@ -8,7 +8,8 @@ from scipy.stats import chi2
 from guidance.exact import dense_matrix, gaussian_posterior
 from guidance.solve import MISFIT_ALPHA, MISFIT_FLOOR, misfit_metrics, misfit_threshold, observed_count, solve
 from models.checkpoint import builtin_models
-from operators.imaging import MRI, CompressedSensing, Inpainting, SparsePoints, SuperResolution
+from operators.imaging import Inpainting, SparsePoints, SuperResolution
+from operators.sensing import MRI, CompressedSensing
 
 NOISE = 0.1
 

@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from operators.imaging import CompressedSensing, SeededMatrices, gaussian_matrix
+from operators.sensing import CompressedSensing, SeededMatrices, gaussian_matrix
 
 
 def test_construction_is_lazy_and_forward_unchanged():

@@ -1,7 +1,9 @@
 """Entries an operator never produces carry no information: ``observed`` zeroes them."""
 import torch
 
-from operators.imaging import MRI, Blur, Inpainting
+from operators.blur import Blur
+from operators.imaging import Inpainting
+from operators.sensing import MRI
 
 
 def test_observed_zeroes_what_the_operator_never_produces():

@@ -111,7 +111,7 @@ def test_rescaled_prox_matches_dense_closed_form():
     import numpy as np
     from guidance.exact import dense_matrix
     from operators.base import Rescaled
-    from operators.imaging import Blur
+    from operators.blur import Blur
     op = Rescaled(Blur((1, 8, 8), gaussian={"sigma": 1.0, "size": 3}), [0.2], [0.5])
     g = torch.Generator().manual_seed(0)
     z = torch.randn((1, 1, 8, 8), generator=g, dtype=torch.float64)
