@@ -19,7 +19,9 @@
 #   6. podman build --pull=never --format docker -f docker/Dockerfile;
 #   7. runs the image (a named volume on /data, an empty read-only folder on /models, published
 #      on 127.0.0.1:<free port>), waits for /readyz, runs its HEALTHCHECK, checks it is not
-#      root and /models is read-only, POSTs a real /v1/reconstruct on the embedded phantom-64;
+#      root, /models is read-only and the project is imported from the wheel's install in
+#      site-packages (its priors and examples with it), POSTs a real /v1/reconstruct on the
+#      embedded phantom-64;
 #   8. the durable job store: one job finished, two more submitted, `podman restart` while they
 #      run; after the restart the finished job's result is still there, unchanged, and the
 #      interrupted jobs finish (succeeded);
@@ -504,7 +506,7 @@ BUILT_IMG=1
 if ! podman build --pull=never --format docker --layers=false "${BUILD_MOUNTS[@]}" \
         -f docker/Dockerfile -t "$IMG" . 2>&1 \
         | tee "$TMP/build.log" | while IFS= read -r line; do
-            if [[ $line =~ ^(STEP\ [0-9]+|COMMIT|Successfully) ]]; then
+            if [[ $line =~ ^(\[[0-9]+/[0-9]+\]\ )?(STEP\ [0-9]+|COMMIT|Successfully) ]]; then
                 printf '[%4d s] %.160s\n' $((SECONDS - T_START)) "$line"
             fi
         done; then
@@ -564,6 +566,12 @@ if podman exec "$CTR" touch /models/.probe 2>/dev/null; then die "/models is wri
 podman exec "$CTR" sh -c 'test -w /data && test -n "$(ls -A /data)"' \
     || die "/data is not writable by the server or holds no job store"
 log "/models read-only, job store on /data: $(podman exec "$CTR" ls /data | tr '\n' ' ')"
+# the project comes from its wheel: imported from site-packages, the priors and examples with it
+where=$(podman exec -w / "$CTR" python -c 'import service, models.checkpoint as c, service.settings as s; \
+print(service.__file__, c.default_checkpoint_dir(), s.examples_dir())') || die "importing the project failed"
+[[ $where == */site-packages/service/__init__.py\ */site-packages/models/checkpoints\ */site-packages/service/examples ]] \
+    || die "the project is not the wheel's install: $where"
+log "installed from the wheel: $where"
 
 phase "POST /v1/reconstruct"
 helper request docs/examples/phantom-request.json 10 2 0 > "$TMP/req-sync.json"
