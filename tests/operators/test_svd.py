@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from operators import Rescaled
-from test_imaging import CASES, op_for, randn
+from tests.helpers.operators import CASES, op_for, randn
 
 WITH_SVD = [n for n in CASES if op_for(n).svd() is not None]
 
