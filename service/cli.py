@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -241,44 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     i.set_defaults(func=cmd_import)
 
-    for name, (_, _, _, text) in DELEGATED.items():
-        # their arguments are read when they run (``reconserve train --help`` lists them)
-        d = sub.add_parser(name, help=text, add_help=False, description=f"{text}; see `reconserve {name} --help`")
-        d.set_defaults(func=_delegated(name), delegated=True)
+    from models.cli_args import add_data_arguments, add_train_arguments  # (no torch)
+
+    t = sub.add_parser("train", help="train a prior (EDM score matching), resumable")
+    add_train_arguments(t)
+    t.set_defaults(func=_run_train)
+    d = sub.add_parser("data", help="generate a data set as .npy shards")
+    add_data_arguments(d)
+    d.set_defaults(func=_run_data)
     return p
 
 
-#: Subcommands whose arguments live beside their code in ``models`` (module, the function adding
-#: the arguments, the one running them, help): their parser is built when they run, so that the
-#: other commands' ``--help`` import no training code (nor torch).
-DELEGATED = {
-    "train": ("models.train", "add_train_arguments", "run_train",
-              "train a prior (EDM score matching), resumable"),
-    "data": ("models.data", "add_data_arguments", "run_data", "generate a data set as .npy shards"),
-}
+def _run_train(args) -> int:
+    from models.train import run_train
+    run_train(args)
+    return 0
 
 
-def _delegated(name: str):
-    def run(args, rest: list[str]) -> int:
-        module, add, run_it, text = DELEGATED[name]
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:  # pragma: no cover - training extras missing
-            print(f"reconserve {name}: needs the training extras ({e})", file=sys.stderr)
-            return 2
-        parser = getattr(mod, add)(argparse.ArgumentParser(prog=f"reconserve {name}", description=text))
-        getattr(mod, run_it)(parser.parse_args(rest))
-        return 0
-    return run
+def _run_data(args) -> int:
+    from models.data import run_data
+    run_data(args)
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if getattr(args, "delegated", False):
-        return int(args.func(args, rest) or 0)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 
