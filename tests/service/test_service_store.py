@@ -11,7 +11,8 @@ from guidance.registry import METHODS
 from operators.spec import OPERATORS
 from service import schemas
 from service import store as store_mod
-from service.jobs import JobManager, _cancelled_error, now_iso
+from service.job import cancelled_error as _cancelled_error, now_iso
+from service.worker import JobManager
 from service.prepare import admit, build
 from service.settings import Settings
 from service.store import JobStore
