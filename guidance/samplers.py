@@ -33,9 +33,21 @@ def _start(denoiser, y, sigma0: float, generator):
     return init_state(y.shape[0], denoiser.shape, float(sigma0), generator, y.device, state_dtype_of(y))
 
 
-def _weights(zeta):
-    """A scalar weight or one per channel (their count is ``SamplerConfig.check``'s)."""
-    return float(zeta) if isinstance(zeta, (int, float)) else tuple(float(z) for z in zeta)
+def _begin(denoiser, operator, y, sigmas, config, generator, callback, pde):
+    """What every sampler on a plain schedule starts with: the config's rules of fit, the levels,
+    the state at the first level, and progress: ``(levels, x, steps, progress)``."""
+    config.check(operator, pde)
+    sig = levels(sigmas)
+    x = _start(denoiser, y, sig[0], generator)
+    return sig, x, len(sig) - 1, Progress(callback, len(sig) - 1, x)
+
+
+def _channel_weights(zeta, operator, y):
+    """``(weight, channel masks)``: a scalar weight (no masks) or one per channel (their count is
+    ``SamplerConfig.check``'s) with the masks of each channel's part of the observation."""
+    if isinstance(zeta, (int, float)):
+        return float(zeta), None
+    return tuple(float(z) for z in zeta), channel_masks(operator, y)
 
 
 #: What a sampler draws its noise from: one generator, or one stream per problem of a batch.
@@ -105,13 +117,8 @@ def sample_dps(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: 
     taken in DDPM's VP coordinates, which in sigma-space multiplies it by
     ``sqrt((1 + sigma_i^2)(1 + sigma_{i+1}^2))``.
     """
-    config.check(operator, pde)
-    sig = levels(sigmas)
-    x = _start(denoiser, y, sig[0], generator)
-    n = len(sig) - 1
-    prog = Progress(callback, n, x)
-    w = _weights(config.zeta)
-    masks = channel_masks(operator, y) if isinstance(w, tuple) else None
+    sig, x, n, prog = _begin(denoiser, operator, y, sigmas, config, generator, callback, pde)
+    w, masks = _channel_weights(config.zeta, operator, y)
 
     def loss(x0):
         out = data_loss(operator, y, x0, w, masks)
@@ -262,13 +269,8 @@ def sample_diffusion_pde(denoiser: Denoiser, operator: Operator, y: torch.Tensor
     """DiffusionPDE (Huang, Yang, Wang, Park, NeurIPS 2024): EDM Heun steps guided by
     ``zeta_obs ||(y - A x0)|_c||`` per channel and ``zeta_pde ||R(x0)||``; the gradient is
     taken w.r.t. the step's start through the Heun-corrected ``x0_hat``."""
-    config.check(operator, pde)
-    sig = levels(sigmas)
-    x = _start(denoiser, y, sig[0], generator)
-    n = len(sig) - 1
-    prog = Progress(callback, n, x)
-    w = _weights(config.zeta_obs)
-    masks = channel_masks(operator, y) if isinstance(w, tuple) else None
+    sig, x, n, prog = _begin(denoiser, operator, y, sigmas, config, generator, callback, pde)
+    w, masks = _channel_weights(config.zeta_obs, operator, y)
     switch = config.pde_switch * n
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
@@ -358,14 +360,9 @@ def sample_fast(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas:
     (``solver`` ``dpmpp_2m``) a DPM-Solver++(2M) step, its ``D`` extrapolated from this step's and
     the previous step's guided ``x0'``.
     """
-    config.check(operator, pde)
-    sig = levels(sigmas)
-    x = _start(denoiser, y, sig[0], generator)
-    n = len(sig) - 1
-    prog = Progress(callback, n, x)
+    sig, x, n, prog = _begin(denoiser, operator, y, sigmas, config, generator, callback, pde)
     sd2 = float(getattr(denoiser, "sigma_data", 0.5)) ** 2
-    w = _weights(config.zeta_obs)
-    masks = channel_masks(operator, y) if isinstance(w, tuple) else None
+    w, masks = _channel_weights(config.zeta_obs, operator, y)
     sigma_eff = max(float(noise_sigma), config.noise_floor)
 
     def residuals(u):

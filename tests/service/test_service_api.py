@@ -464,7 +464,7 @@ def test_blur_with_a_vanishing_gaussian_sigma_is_the_identity(client):
 
 
 def test_result_metrics_document_a_null_data_residual(client):
-    """A non-finite data residual is answered as null (``service.jobs.finish_problem``); the schema
+    """A non-finite data residual is answered as null (``guidance.solve.solve_batch (finite_metrics)``); the schema
     declared it a number."""
     spec = client.get("/openapi.json").json()
     res = spec["components"]["schemas"]["ResultMetrics"]
