@@ -225,13 +225,14 @@ def finish_item(model, item: SolveItem, x_phys: torch.Tensor, noise_sigma: float
 
 def solve_batch(model, plan: Plan, items: list[SolveItem], *, noise_sigma: float = 0.0, pde=None,
                 shared_svd: bool = False, device: str | torch.device = "cpu", callback=None,
-                dtype: torch.dtype | str | None = None, finishing: bool = True) -> BatchSolution:
+                dtype: torch.dtype | str | None = None, finishing: bool = True,
+                chunk: int | None = None) -> BatchSolution:
     """Sample ``plan`` for every item in one batch (``driver.sample_batch``: its arguments), then
     finish each item (``finish``). The sampler's errors (``DivergedError``, ...) pass through;
     an item whose finishing fails carries the error. ``finishing=False`` returns the raw
     samples with no metrics (benches that score the samples themselves)."""
     run = sample_batch(model, plan, list(items), noise_sigma=noise_sigma, pde=pde, shared_svd=shared_svd,
-                       device=device, callback=callback, dtype=dtype)
+                       device=device, callback=callback, dtype=dtype, chunk=chunk)
     if not finishing:
         return BatchSolution([ItemSolution(x, {}) for x in run.samples], run.nfe, run.seconds)
     done = [finish_item(model, it, x, noise_sigma) for it, x in zip(items, run.samples)]
