@@ -114,6 +114,7 @@ def test_block_mean_sr_has_an_exact_svd():
     assert (sr.A(sr.A_adjoint(y)) - y / 16).abs().max().item() < 1e-15
 
 
+@pytest.mark.slow
 def test_peers_smoke(tmp_path):
     out, tune_out = tmp_path / "peers.json", tmp_path / "peers-tune.json"
     peers.main(["--smoke", "--out", str(out), "--tune-out", str(tune_out), "--plots", str(tmp_path)])

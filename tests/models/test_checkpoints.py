@@ -113,6 +113,7 @@ def _phantom_psnr(model, x, op, y):
     return float(np.mean([psnr(np.clip(r["x"][i, 0], 0, 1), x[i, 0]) for i in range(len(x))]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", ["phantom-64", "phantom-flow-64"])
 def test_phantom_prior_beats_biharmonic_inpainting(models, model_id):
     from bench.phantom_tasks import observe
@@ -137,6 +138,7 @@ def _darcy_a_err(model, x, op, y):
     return float(np.mean((a >= 7.5) != (x[:, 0] >= 7.5)))
 
 
+@pytest.mark.slow
 def test_darcy_prior_recovers_a_from_sparse_u(models):
     from bench.darcy_tasks import observed_nodes
 
@@ -169,6 +171,7 @@ def _source_error(model, pde, x, op, y):
     return float(np.mean([np.linalg.norm(r["x"][i, 0] - x[i, 0]) / np.linalg.norm(x[i, 0]) for i in range(len(x))]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", ["poisson-64", "helmholtz-64"])
 def test_pde_prior_recovers_the_source_better_than_the_classical_route(models, model_id):
     from bench.pde_tasks import classical_baseline, held_out, model_pde, task_problem

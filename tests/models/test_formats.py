@@ -199,6 +199,7 @@ def test_loaded_models_equal_the_originals(imported, sources):
         torch.testing.assert_close(d, x - sigma * eps, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_each_format_serves_over_http(imported, tmp_path):
     from fastapi.testclient import TestClient
 

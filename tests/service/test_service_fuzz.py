@@ -42,6 +42,9 @@ from service.app import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.helpers.service import MASK, MODELS, OBS, body, npy_b64  # noqa: E402
 
+#: Thousands of generated requests: over a minute on two cores (``make test`` runs it).
+pytestmark = pytest.mark.slow
+
 #: Generated cases per operation and phase, and the seed; a deeper local run:
 #: ``RECONSERVE_FUZZ_EXAMPLES=1000 RECONSERVE_FUZZ_SEED=7 pytest tests/service/test_service_fuzz.py``.
 MAX_EXAMPLES = int(os.environ.get("RECONSERVE_FUZZ_EXAMPLES", 100))

@@ -246,6 +246,7 @@ def test_rgb_jobs_batch_and_draw_in_colour(rgb):
 
 
 # ----------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_solve_with_an_rgb_png(tmp_path):
     """``reconserve solve`` (local) with an RGB PNG observation on a random-weight 3 x 256 x 256
     checkpoint (the smallest U-Net)."""
