@@ -117,7 +117,10 @@ def run_page(page: Path, url: str, timeout: float = 600) -> list[str]:
     sep = "@@block-end@@"
     script = "".join(code.replace(QUICKSTART_URL, url) + f"\necho {sep}\n"
                      for code, _ in runnable_blocks(page.read_text()))
-    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # show what the blocks printed so far
+        raise AssertionError(f"blocks still running after {timeout} s; printed:\n{e.stdout}") from None
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split(sep + "\n")[:-1]
 
