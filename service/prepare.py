@@ -35,6 +35,7 @@ from .errors import ApiError
 from .problem import Problem, digest
 from .ranges import check_observation
 from .schemas import MethodDefaults
+from .stack import build_volume, refuse_coupling, slice_depth
 
 
 def _shape(s) -> str:
@@ -79,7 +80,7 @@ def validation_message(err: ValidationError) -> str:
                            f"a name among {sorted(METHODS)} (GET /v1/methods)"))
         elif kind == "extra_forbidden":
             msg = ("is not a field of the request; send only model, operator, observation, noise_sigma, "
-                   "pde, method, num_samples, seed, return, completion")
+                   "pde, method, num_samples, seed, return, completion, coupling")
         if "send" not in msg:
             msg += "; send a value as API.md describes"
         parts.append(f"{field}: {msg}")
@@ -280,6 +281,10 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
     every array replaced by ``{"file": name}`` for the name it has in ``arrays``."""
     arrays: dict[str, np.ndarray] = {}
     obs, from_image = _decode_observation(adm, settings, files)
+    if slice_depth(obs, adm.operator_spec.kind_name(), adm.shape[0], from_image) is not None:  # service/stack.py
+        spec = _decode_operator(adm.operator_spec, settings, files, arrays)
+        return build_volume(adm, settings, spec, obs, arrays, _pde(adm)), arrays, stored_body(adm.body, arrays)
+    refuse_coupling(adm.body)
     operator, kwargs = _operator(adm, settings, files, arrays)
     obs = arrays["observation"] = _fit_observation(adm, operator, obs, from_image)
     # entries the operator never produces (unobserved pixels, unsampled k-space) are ignored:
@@ -297,10 +302,14 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
                       pde_digest=digest(pde_spec), plan=adm.plan, num_samples=adm.num_samples,
                       seed=adm.seed, returns=adm.returns, completion=adm.completion,
                       exclusive=adm.plan.config.exclusive(operator), cost=adm.cost)
-    stored = dict(adm.body, observation={"file": "observation"},
-                  operator={k: ({"file": f"operator.{k}"} if f"operator.{k}" in arrays else v)
-                            for k, v in adm.body["operator"].items()})
-    return problem, arrays, stored
+    return problem, arrays, stored_body(adm.body, arrays)
+
+
+def stored_body(body: dict, arrays: dict) -> dict:
+    """The request as the job store keeps it: each array replaced by ``{"file": name}``."""
+    return dict(body, observation={"file": "observation"},
+                operator={k: ({"file": f"operator.{k}"} if f"operator.{k}" in arrays else v)
+                          for k, v in body["operator"].items()})
 
 
 def prepare(body: Any, request_model, models: Mapping[str, Any], settings,

@@ -61,6 +61,7 @@ class Problem:
     exclusive: bool = False  # only jobs with this very operator share a run (the method's rule)
     completion: str = "auto"
     cost: float = 0.0  # admission cost (prepare.job_cost)
+    volume: Any = None  # service.stack.Volume: the slices of a stack (then y is [D, *obs_shape])
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +80,8 @@ class Problem:
                 float(self.noise_sigma), self.pde_digest, op.kind, tuple(op.obs_shape),
                 bool(op.linear), getattr(op, "row_gram", None), bool(op.channel_separable),
                 type(op).__name__,
-                self.operator_digest if self.exclusive else None)
+                self.operator_digest if self.exclusive else None,
+                id(self) if self.volume is not None else None)  # a volume runs alone
 
 
 def solve_item(p: Problem) -> SolveItem:

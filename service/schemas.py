@@ -223,6 +223,15 @@ def _method_block(methods: Mapping[str, Any]):
     return WrapValidator(validate)
 
 
+class CouplingSpec(BaseModel):
+    """``{"kind": "tv_z", "weight": w}``: total variation along z between denoising steps, with
+    weight ``w`` in the model's units (``guidance.coupling``); for stacks of slices."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["tv_z"] = Field(description="tv_z: total variation along the slice axis")
+    weight: float = Field(ge=0, le=1e6, allow_inf_nan=False, description="its weight (model units); 0: none")
+
+
 def make_request_model(operators: Mapping[str, Any] | Sequence[str],
                        methods: Mapping[str, Any] | Sequence[str]) -> type[BaseModel]:
     """The body of ``POST /v1/jobs`` and ``POST /v1/reconstruct``.
@@ -267,6 +276,7 @@ def make_request_model(operators: Mapping[str, Any] | Sequence[str],
         return_: list[ReturnName] = Field(default_factory=lambda: ["mean", "std"], alias="return")
         completion: Literal["auto", "solve", "off"] = Field(
             "auto", description="PDE models: re-solve u from each sample's a; auto = when u is unobserved")
+        coupling: CouplingSpec | None = Field(None, description="stacks only: couples neighbouring slices")
 
         @model_validator(mode="before")
         @classmethod

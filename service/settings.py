@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1)
     #: Most rows (posterior samples over all jobs) in one batch.
     max_batch_rows: int = Field(64, ge=1)
+    #: Most rows (slices x samples) per network call: a volume goes through the network in
+    #: chunks of this many, so memory is bounded whatever its depth (``guidance.chunked``).
+    slice_chunk: int = Field(16, ge=1)
     #: Finished jobs (and their results) are kept this long, and at most this many holding at
     #: most this many bytes on disk (request and result files); then they answer ``410``.
     result_ttl_s: float = Field(3600.0, gt=0)

@@ -36,7 +36,7 @@ from .jobs import JobsBase
 from .admission import Reservation
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
-from .problem import observation_view, solve_item
+from .stack import job_items, job_outcomes, job_view
 from .schemas import TERMINAL
 from .store import JobStore, StoredResult
 
@@ -299,9 +299,11 @@ class JobManager(Lifecycle, JobsBase):
         problems = [j.problem for j in jobs]
         p0 = problems[0]
         try:
-            with torch.no_grad():
-                run = solve_batch(p0.model, p0.plan, [solve_item(p) for p in problems], noise_sigma=p0.noise_sigma,
-                                  pde=p0.pde, device=self.device, callback=self._progress(active),
+            with torch.no_grad():  # (a volume's slices are items of their own: service/stack.py)
+                run = solve_batch(p0.model, p0.plan, [it for p in problems for it in job_items(p)],
+                                  noise_sigma=p0.noise_sigma, pde=p0.pde, device=self.device,
+                                  callback=self._progress(active),
+                                  chunk=self.settings.slice_chunk if p0.volume is not None else None,
                                   shared_svd=len({p.operator_digest for p in problems}) == 1)
         except _BatchStopped:
             return []
@@ -314,7 +316,7 @@ class JobManager(Lifecycle, JobsBase):
                 self._finish(job, "failed", error_of(e))
             return []
         self._count(jobs, run)
-        for job, out in zip(jobs, run.items):
+        for job, out in zip(jobs, job_outcomes(problems, run.items)):
             if job.id in active and not job.terminal:
                 self._conclude(job, out, run, len(jobs))
         return []
@@ -337,7 +339,7 @@ class JobManager(Lifecycle, JobsBase):
             if not np.isfinite(samples).all():
                 raise DivergedError("the reconstruction has non-finite values; lower the guidance "
                                     "weight or use more steps")
-            view = observation_view(job.problem)
+            view = job_view(job.problem)
         except Exception as e:  # noqa: BLE001
             self._finish(job, "failed", error_of(e))
             return

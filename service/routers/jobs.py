@@ -13,7 +13,7 @@ import json
 import logging
 import re
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -151,13 +151,15 @@ async def job_result(request: Request, job: Job = Depends(get_job), state: State
 
 @router.get("/v1/jobs/{job_id}/result.png", dependencies=AUTH,
             responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES})
-async def job_result_png(job: Job = Depends(get_job), state: State = Depends(get_state)):
-    """A picture of the result: observation, mean and std (with a colour scale)."""
-    from ..render import render_png
-    result = await finished(job, state)
+async def job_result_png(job: Job = Depends(get_job), state: State = Depends(get_state),
+                         slice_k: str | None = Query(None, alias="slice", description="volumes: draw slice k "
+                                                     "(0-based) alone; without it, a montage of every slice")):
+    """A picture of the result: observation, mean and std (with a colour scale); for a volume a montage of its slices, or slice `k` with `?slice=k`."""
+    from ..montage import chosen, volume_png
+    result = chosen(await finished(job, state), slice_k)  # 422 for a bad slice
     model = (state.models or {}).get(job.model_id)
     try:
-        data = await run_in_threadpool(render_png, model.card if model is not None else {}, result)
+        data = await run_in_threadpool(volume_png, model.card if model is not None else {}, result)
     except Exception:  # noqa: BLE001 - a picture is a convenience; never a 5xx
         log.exception("rendering %s failed", job.id)
         raise ApiError(422, "render_failed", "this result cannot be drawn; fetch the arrays from "
