@@ -127,7 +127,7 @@ def run_page(page: Path, url: str, timeout: float = 600) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server_url():
-    from tests.helpers.service import start_server, stop_server
+    from tests.helpers.server import start_server, stop_server
 
     proc, url = start_server()
     yield url
