@@ -243,6 +243,12 @@ def decode_tiff(data: bytes, field: str, max_elements: int) -> np.ndarray:
         raise
     except Exception:
         raise CodecError(f"{field}: not a valid TIFF image; send a TIFF file, base64") from None
+    return tiff_image(arr, axes, extras, field)
+
+
+def tiff_image(arr, axes: str, extras: tuple, field: str) -> np.ndarray:
+    """One TIFF image's samples (``axes`` as tifffile names them) -> ``[H, W]`` or ``[C, H, W]``,
+    scaled like a PNG's; an alpha extra sample dropped when opaque, refused otherwise."""
     arr = np.asarray(arr)
     if arr.ndim == 3 and axes.endswith("S"):  # samples (color) last -> channels first
         arr = np.moveaxis(arr, -1, 0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,8 +30,9 @@ from operators.spec import OPERATORS, build_pde
 
 from .api.methods import method_error
 from .api.operators import operator_error
-from .codecs import CodecError, decode_array
+from .codecs import CodecError
 from .errors import ApiError
+from .labfiles import LAB_RECORD, Decoded, Window, decode_any, lab_record, make_window
 from .problem import Problem, digest
 from .ranges import check_observation
 from .schemas import MethodDefaults
@@ -80,7 +81,7 @@ def validation_message(err: ValidationError) -> str:
                            f"a name among {sorted(METHODS)} (GET /v1/methods)"))
         elif kind == "extra_forbidden":
             msg = ("is not a field of the request; send only model, operator, observation, noise_sigma, "
-                   "pde, method, num_samples, seed, return, completion, coupling")
+                   "pde, method, num_samples, seed, return, completion, coupling, value_window")
         if "send" not in msg:
             msg += "; send a value as API.md describes"
         parts.append(f"{field}: {msg}")
@@ -126,7 +127,7 @@ def _decode_operator(spec, settings, files, arrays: dict):
         if v is None:
             continue
         try:
-            decoded[k], _ = decode_array(v, f"operator.{k}", max_elements=settings.max_array_elements, files=files)
+            decoded[k] = decode_any(v, f"operator.{k}", max_elements=settings.max_array_elements, files=files).array
         except CodecError as e:
             raise _codec(e) from None
         arrays[f"operator.{k}"] = decoded[k]
@@ -154,6 +155,7 @@ class Admission:
     returns: tuple
     completion: str
     cost: float
+    window: Window = Window()  # value_window: the data's units -> the card's (service/labfiles/window.py)
 
 
 def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admission:
@@ -229,13 +231,23 @@ def _operator(adm: Admission, settings, files, arrays: dict):
     return cls(adm.shape, **kwargs), kwargs
 
 
-def _decode_observation(adm: Admission, settings, files) -> tuple[np.ndarray, bool]:
-    """``(observation, came from an image)`` decoded (413/422)."""
+def _decode_observation(adm: Admission, settings, files) -> Decoded:
+    """The observation decoded (413/422): an array or a lab file (NIfTI, DICOM, TIFF stack)."""
     try:
-        return decode_array(adm.body["observation"], "observation", max_elements=settings.max_array_elements,
-                            files=files, scale_integers=adm.model.card.get("kind") == "image")  # uint8/16 like PNG
+        return decode_any(adm.body["observation"], "observation", max_elements=settings.max_array_elements,
+                          files=files, scale_integers=adm.model.card.get("kind") == "image")  # uint8/16 like PNG
     except CodecError as e:
         raise _codec(e) from None
+
+
+def _lab_data(adm: Admission, decoded: Decoded, arrays: dict) -> Admission:
+    """``adm`` with its ``value_window`` (noise in the card's units); the observation's file
+    header and the window kept with the job's arrays (``LAB_RECORD``) for results in its format."""
+    window = make_window(adm.body.get("value_window"), adm.model.card)
+    record = lab_record(decoded.source, window.scale, window.offset)
+    if record is not None:
+        arrays[LAB_RECORD] = record
+    return replace(adm, window=window, noise_sigma=window.noise(adm.noise_sigma))
 
 
 def _fit_observation(adm: Admission, operator, obs: np.ndarray, from_image: bool) -> np.ndarray:
@@ -280,7 +292,8 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
     """The costly half: ``(Problem, arrays, stored_body)``; ``stored_body`` is the request with
     every array replaced by ``{"file": name}`` for the name it has in ``arrays``."""
     arrays: dict[str, np.ndarray] = {}
-    obs, from_image = _decode_observation(adm, settings, files)
+    decoded = _decode_observation(adm, settings, files)
+    obs, from_image, adm = decoded.array, decoded.from_image, _lab_data(adm, decoded, arrays)
     if slice_depth(obs, adm.operator_spec.kind_name(), adm.shape[0], from_image) is not None:  # service/stack.py
         spec = _decode_operator(adm.operator_spec, settings, files, arrays)
         return build_volume(adm, settings, spec, obs, arrays, _pde(adm)), arrays, stored_body(adm.body, arrays)
@@ -289,7 +302,7 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
     obs = arrays["observation"] = _fit_observation(adm, operator, obs, from_image)
     # entries the operator never produces (unobserved pixels, unsampled k-space) are ignored:
     # zeroed, so residuals and DPS's normalization see only what was observed
-    y = operator.observed(torch.as_tensor(obs, dtype=torch.float64)[None])[0]
+    y = operator.observed(torch.as_tensor(adm.window.observation(operator, obs), dtype=torch.float64)[None])[0]
     check_observation(adm.model.card, operator, y, adm.noise_sigma)  # 422 out_of_range (service/ranges.py)
     pde, pde_metric, pde_spec = _pde(adm)
     try:

@@ -34,21 +34,38 @@ class PngArray(BaseModel):
 
 
 class TiffArray(BaseModel):
-    """A TIFF image, base64: 8-bit /255, 16-bit /65535, float as is."""
+    """A TIFF image, base64: 8-bit /255, 16-bit /65535, float as is; several pages are slices."""
 
     model_config = ConfigDict(extra="forbid")
     tiff: str
 
 
+class NiftiArray(BaseModel):
+    """A NIfTI-1/2 file (.nii or .nii.gz), base64: axes x, y, z become W, H, D; scl_slope and
+    scl_inter applied."""
+
+    model_config = ConfigDict(extra="forbid")
+    nifti: str
+
+
+class DicomArray(BaseModel):
+    """A zip of one DICOM series, base64: slices ordered by position along the slice normal,
+    rescale slope and intercept applied."""
+
+    model_config = ConfigDict(extra="forbid")
+    dicom: str
+
+
 class FileArray(BaseModel):
-    """In a multipart request: the name of the file part holding the array (.npy, .png, .tif)."""
+    """In a multipart request: the name of the file part holding the array (.npy, .png, .tif,
+    .nii, .nii.gz, a DICOM .zip; told apart by content)."""
 
     model_config = ConfigDict(extra="forbid")
     file: str
 
 
 #: An array in a request: a nested list of numbers, or one of the encodings above.
-ArrayIn = Union[list, NpyArray, PngArray, TiffArray, FileArray]
+ArrayIn = Union[list, NpyArray, PngArray, TiffArray, NiftiArray, DicomArray, FileArray]
 
 
 class EncodedArray(BaseModel):
@@ -277,6 +294,9 @@ def make_request_model(operators: Mapping[str, Any] | Sequence[str],
         completion: Literal["auto", "solve", "off"] = Field(
             "auto", description="PDE models: re-solve u from each sample's a; auto = when u is unobserved")
         coupling: CouplingSpec | None = Field(None, description="stacks only: couples neighbouring slices")
+        value_window: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+            None, min_length=2, max_length=2, description="[lo, hi] in the data's units: mapped linearly to the "
+            "card's value_range (noise_sigma in the data's units too), and the results back")
 
         @model_validator(mode="before")
         @classmethod

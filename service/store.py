@@ -188,6 +188,11 @@ class JobStore:
         """The request's arrays as ``.npy`` bytes by name (the names its ``{"file": name}`` use)."""
         return {p.name[:-4]: p.read_bytes() for p in self.job_dir(record.id).glob("*.npy")}
 
+    def load_request_file(self, job_id: str, name: str) -> bytes | None:
+        """One of the request's arrays as ``.npy`` bytes (None if the job has none of that name)."""
+        path = self.job_dir(job_id) / f"{name}.npy"
+        return path.read_bytes() if path.is_file() else None
+
     def load_result(self, job_id: str) -> StoredResult | None:
         path = self.job_dir(job_id) / "result.npz"
         if not path.exists():

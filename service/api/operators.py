@@ -16,15 +16,18 @@ from pydantic import BeforeValidator, Field, WithJsonSchema, create_model
 from operators.checks import Invalid, OperatorSpecError
 from operators.params import OperatorSpec
 
-from ..codecs import ENCODINGS
+from ..labfiles import ENCODINGS
 from ..errors import ApiError
 
 #: What each encoding of an array holds (API.md "Arrays").
 ENCODING_DOCS = {
     "npy": "base64 of a .npy file (numeric or bool dtype)",
     "png": "base64 of a PNG image: 8-bit / 255, 16-bit / 65535",
-    "tiff": "base64 of a TIFF image: 8-bit / 255, 16-bit / 65535, float as is",
-    "file": "in a multipart request: the name of the file part holding the array (.npy, .png, .tif)",
+    "tiff": "base64 of a TIFF image: 8-bit / 255, 16-bit / 65535, float as is; several pages are slices",
+    "nifti": "base64 of a NIfTI-1/2 file (.nii or .nii.gz): axes x, y, z become W, H, D",
+    "dicom": "base64 of a zip of one DICOM series: slices ordered by position, rescale applied",
+    "file": "in a multipart request: the name of the file part holding the array (.npy, .png, .tif, .nii, "
+            ".nii.gz, a DICOM .zip)",
 }
 
 #: JSON schema of an array parameter: a nested list of numbers or one of the encodings.
@@ -41,7 +44,7 @@ def _wire_array(value):
         if len(value) == 1 and next(iter(value)) in ENCODINGS and isinstance(next(iter(value.values())), str):
             return value
         raise Invalid("is not an array encoding",
-                      'a nested list of numbers or one of {"npy"|"png"|"tiff"|"file": "<string>"}')
+                      'a nested list of numbers or one of {"npy"|"png"|"tiff"|"nifti"|"dicom"|"file": "<string>"}')
     if isinstance(value, (list, tuple)) or hasattr(value, "__array__"):
         return value
     raise Invalid(f"expected an array, got {type(value).__name__}",

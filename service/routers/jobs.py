@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,11 +20,13 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import schemas
 from ..body import body_slot, read_body
-from ..codecs import encode_array, npy_bytes
+from ..codecs import CodecError, encode_array
 from ..deps import AUTH, READY, State, get_job, get_state
 from ..errors import ApiError
 from ..admission import ShuttingDown
 from ..job import Job, JobResult, JobsError
+from ..labfiles import LAB_RECORD, Window, read_lab_record
+from ..labfiles.results import FORMATS, result_file, wanted_format
 from ..prepare import admit, build
 from ..settings import examples_dir
 from .common import ERROR_RESPONSES
@@ -137,16 +140,21 @@ async def job_events(job: Job = Depends(get_job), state: State = Depends(get_sta
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+#: ``?format=`` and ``?field=`` of a result (API.md "Lab data"; ``service/labfiles/results.py``).
+ResultFormat = Literal["nifti", "dicom", "tiff", "npy"]
+ResultField = Literal["mean", "std", "samples"]
+FORMAT_QUERY = Query(None, alias="format", description="nifti, dicom, tiff or npy: the field as that file, in the "
+                     "observation's geometry and units (default: JSON, or the Accept header's type)")
+FIELD_QUERY = Query("mean", description="with a file format: the array it holds (mean, std or samples)")
+FILE_RESPONSES = {200: {"content": {media: {} for media, _ in FORMATS.values()}}}
+
+
 @router.get("/v1/jobs/{job_id}/result", response_model=schemas.Result, dependencies=AUTH,
-            responses={200: {"content": {"application/x-npy": {}}}, **ERROR_RESPONSES})
-async def job_result(request: Request, job: Job = Depends(get_job), state: State = Depends(get_state)):
-    """The result of a succeeded job (`Accept: application/x-npy` gives the mean as .npy); 409 while it runs; the job's error when it failed; 410 past retention."""
-    result = await finished(job, state)
-    if "application/x-npy" in request.headers.get("accept", ""):
-        data = await run_in_threadpool(lambda: npy_bytes(result.mean.astype("float32")))
-        return Response(data, media_type="application/x-npy",
-                        headers={"Content-Disposition": f'attachment; filename="{job.id}-mean.npy"'})
-    return JSONResponse(await run_in_threadpool(result_body, job, result))
+            responses={**FILE_RESPONSES, **ERROR_RESPONSES})
+async def job_result(request: Request, job: Job = Depends(get_job), state: State = Depends(get_state),
+                     fmt: ResultFormat | None = FORMAT_QUERY, field: ResultField = FIELD_QUERY):
+    """The result of a succeeded job; `?format=nifti|dicom|tiff|npy` (or `Accept: application/x-nifti`, `application/zip`, `image/tiff`, `application/x-npy`) gives the mean (`?field=std|samples`: another array) as that file; 409 while it runs; the job's error when it failed; 410 past retention."""
+    return await answer(request, state, job, await finished(job, state), fmt, field)
 
 
 @router.get("/v1/jobs/{job_id}/result.png", dependencies=AUTH,
@@ -176,13 +184,13 @@ async def cancel_job(job: Job = Depends(get_job), state: State = Depends(get_sta
 
 
 @router.post("/v1/reconstruct", response_model=schemas.Result, dependencies=READY,
-             openapi_extra={**BODY_DOC}, responses=ERROR_RESPONSES)
-async def reconstruct(request: Request, state: State = Depends(get_state)):
-    """Submit and wait: the same body as `POST /v1/jobs`, answered with the `Result` (200)."""
+             openapi_extra={**BODY_DOC}, responses={**FILE_RESPONSES, **ERROR_RESPONSES})
+async def reconstruct(request: Request, state: State = Depends(get_state),
+                      fmt: ResultFormat | None = FORMAT_QUERY, field: ResultField = FIELD_QUERY):
+    """Submit and wait: the same body as `POST /v1/jobs`, answered with the `Result` (200), or with a file as `GET /v1/jobs/{id}/result?format=` answers it."""
     job, _ = await accept(request, state)
     await wait_done(job, state, request)
-    result = await finished(job, state)
-    return JSONResponse(await run_in_threadpool(result_body, job, result))
+    return await answer(request, state, job, await finished(job, state), fmt, field)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -252,15 +260,37 @@ async def sse(job: Job, state: State):
         job.unsubscribe(loop, event)
 
 
-def result_body(job: Job, r: JobResult) -> dict:
-    """The ``Result`` JSON (arrays encoded once, cached on the result)."""
+async def answer(request: Request, state: State, job: Job, result: JobResult, fmt: str | None, field: str):
+    """The result as JSON, or as the file ``?format=`` or ``Accept`` asks for."""
+    lab = await run_in_threadpool(job_lab, state, job, result)
+    fmt = wanted_format(fmt, request.headers.get("accept", ""))
+    if fmt is None:
+        return JSONResponse(await run_in_threadpool(result_body, job, result, Window(*lab["window"])))
+    try:
+        data = await run_in_threadpool(result_file, fmt, field, result, lab)
+    except CodecError as e:
+        raise ApiError(e.status, e.code, str(e)) from None
+    media, ext = FORMATS[fmt]
+    return Response(data, media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="{job.id}-{field}{ext}"'})
+
+
+def job_lab(state: State, job: Job, r: JobResult) -> dict:
+    """The job's observation file header and value window (``read_lab_record``), cached on its result."""
+    if "lab" not in r._encoded:
+        r._encoded["lab"] = read_lab_record(state.jobs.store.load_request_file(job.id, LAB_RECORD))
+    return r._encoded["lab"]
+
+
+def result_body(job: Job, r: JobResult, window: Window = Window()) -> dict:
+    """The ``Result`` JSON (arrays encoded once, in the data's units, cached on the result)."""
     if "body" not in r._encoded:
         want = set(job.returns)
         r._encoded["body"] = {
             "id": job.id,
-            "mean": encode_array(r.mean) if "mean" in want else None,
-            "std": encode_array(r.std) if "std" in want and r.std is not None else None,
-            "samples": encode_array(r.samples) if "samples" in want else None,
+            "mean": encode_array(window.values(r.mean)) if "mean" in want else None,
+            "std": encode_array(window.spread(r.std)) if "std" in want and r.std is not None else None,
+            "samples": encode_array(window.values(r.samples)) if "samples" in want else None,
             "metrics": r.metrics, "nfe": r.nfe, "elapsed_s": r.elapsed_s, "seed": job.seed,
             "model": job.model_id, "method": r.method, "batched_with": r.batched_with,
             "num_samples": job.num_samples,
