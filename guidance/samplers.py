@@ -29,8 +29,10 @@ from .params import Cost, MethodError, SamplerConfig, param
 from .terms import channel_masks, data_loss, measurement_consistency, pde_loss
 
 
-def _start(denoiser, y, sigma0: float, generator):
-    return init_state(y.shape[0], denoiser.shape, float(sigma0), generator, y.device, state_dtype_of(y))
+def _start(operator, y, sigma0: float, generator):
+    """The state at the first level, of the operator's image shape (a prior of another native size
+    runs through ``models.tiling``)."""
+    return init_state(y.shape[0], tuple(operator.in_shape), float(sigma0), generator, y.device, state_dtype_of(y))
 
 
 def _begin(denoiser, operator, y, sigmas, config, generator, callback, pde):
@@ -38,7 +40,7 @@ def _begin(denoiser, operator, y, sigmas, config, generator, callback, pde):
     the state at the first level, and progress: ``(levels, x, steps, progress)``."""
     config.check(operator, pde)
     sig = levels(sigmas)
-    x = _start(denoiser, y, sig[0], generator)
+    x = _start(operator, y, sig[0], generator)
     return sig, x, len(sig) - 1, Progress(callback, len(sig) - 1, x)
 
 
@@ -204,7 +206,7 @@ def sample_ald(denoiser: Denoiser, operator: Operator, y: torch.Tensor, sigmas: 
     match = measurement_consistency(operator, y, noise_sigma)
     nu = match.single_level()
     sig = levels(_with_level(torch.as_tensor(sigmas).detach().to("cpu", torch.float64), nu))
-    x = _start(denoiser, y, sig[0], generator)
+    x = _start(operator, y, sig[0], generator)
     n = len(sig) - 1
     prog = Progress(callback, n, x)
     s_last = sig[n - 1]

@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # the spec models (pydantic): PDE residuals need none
     from .params import OperatorSpec
 
 
+def grid_size(obs_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(H, W)`` of an observation on the image grid, ``[C, H, W]`` or ``[H, W]``."""
+    return tuple(int(v) for v in obs_shape[-2:]) if len(obs_shape) in (2, 3) else None
+
+
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product <a_b, b_b> over all but the batch dimension."""
     return (a * b).flatten(1).sum(1)
@@ -97,6 +102,12 @@ class Operator:
         if cls.Spec is None:
             raise OperatorSpecError(None, f"{cls.__name__} cannot be built from a spec")
         return cls.Spec.parse(spec)
+
+    @classmethod
+    def image_size(cls, spec: OperatorSpec, obs_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The image size ``(H, W)`` that an observation of ``obs_shape`` implies under ``spec``
+        (None: the observation does not say, e.g. a list of points or of measurements)."""
+        return None
 
     @classmethod
     def check_spec(cls, spec: OperatorSpec, in_shape: tuple[int, int, int]) -> dict:

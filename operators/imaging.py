@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import SVD, LinearOperator
+from .base import SVD, LinearOperator, grid_size
 from .params import (Array, Integer, OperatorSpec, array, binary, fail, shape_str)
 
 
@@ -57,6 +57,10 @@ class Identity(LinearOperator):
     kind = "identity"
     Spec = IdentitySpec
     observation_shape = "[C,H,W]"
+
+    @classmethod
+    def image_size(cls, spec, obs_shape):
+        return grid_size(obs_shape)
     row_gram = 1.0
 
     @property
@@ -98,6 +102,10 @@ class Inpainting(LinearOperator):
     kind = "inpainting"
     Spec = InpaintingSpec
     observation_shape = "[C,H,W]"
+
+    @classmethod
+    def image_size(cls, spec, obs_shape):
+        return grid_size(obs_shape)
     row_gram = 1.0
 
     @classmethod
@@ -238,6 +246,11 @@ class SuperResolution(LinearOperator):
     kind = "super_resolution"
     Spec = SuperResolutionSpec
     observation_shape = "[C,H/f,W/f]"
+
+    @classmethod
+    def image_size(cls, spec, obs_shape):
+        size = grid_size(obs_shape)
+        return None if size is None else (size[0] * spec.factor, size[1] * spec.factor)
 
     @classmethod
     def check_spec(cls, spec, in_shape):

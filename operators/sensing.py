@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from .base import LinearOperator
+from .base import LinearOperator, grid_size
 from .params import (Array, Integer, Invalid, OperatorSpec, Seed, array, binary, checked,
                      fail, integer, shape_str)
 from .imaging import as_f64, present, rho_like
@@ -178,6 +178,10 @@ class MRI(LinearOperator):
     kind = "mri"
     Spec = MRISpec
     observation_shape = "[2,H,W]"
+
+    @classmethod
+    def image_size(cls, spec, obs_shape):
+        return grid_size(obs_shape) if len(obs_shape) == 3 else None
 
     @classmethod
     def check_spec(cls, spec, in_shape):

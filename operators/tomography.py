@@ -105,6 +105,16 @@ class CT(LinearOperator):
     observation_shape = "[C,angles,detectors]"
 
     @classmethod
+    def image_size(cls, spec, obs_shape):
+        """``N x N`` from the detector count when it is the native one, ``ceil(sqrt(2) N)``
+        (increasing in ``N``, so one ``N`` gives it); a set ``detectors`` does not say."""
+        if spec.detectors is not None or len(obs_shape) != 3:
+            return None
+        n = math.floor(int(obs_shape[2]) / math.sqrt(2))
+        n = next((m for m in (n - 1, n, n + 1) if m >= 2 and native_detectors(m) == int(obs_shape[2])), None)
+        return None if n is None else (n, n)
+
+    @classmethod
     def check_spec(cls, spec, in_shape):
         c, h, w = in_shape
         if h != w or h < 2:

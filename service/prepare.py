@@ -35,6 +35,7 @@ from .errors import ApiError
 from .labfiles import LAB_RECORD, Decoded, Window, decode_any, lab_record, make_window
 from .problem import Problem, digest
 from .ranges import check_observation
+from .sizes import observation_shape, pixels_per_pass, request_shape, sized_model
 from .schemas import MethodDefaults
 from .stack import build_volume, refuse_coupling, slice_depth
 
@@ -134,10 +135,12 @@ def _decode_operator(spec, settings, files, arrays: dict):
     return spec.model_copy(update=decoded)
 
 
-def job_cost(plan: Plan, num_samples: int, shape) -> float:
-    """Admission cost: network evaluations of one pixel (a backprop counts as two) for the run."""
+def job_cost(plan: Plan, num_samples: int, pixels) -> float:
+    """Admission cost: network evaluations of one pixel (a backprop counts as two) for the run;
+    ``pixels``: the values of one network pass (``sizes.pixels_per_pass``), or the image's shape."""
     c = plan.config.cost()
-    return float((c.network_calls + 2 * c.backprops) * int(num_samples) * math.prod(shape))
+    n = int(pixels) if isinstance(pixels, (int, np.integer)) else math.prod(pixels)
+    return float((c.network_calls + 2 * c.backprops) * int(num_samples) * n)
 
 
 @dataclass
@@ -158,32 +161,21 @@ class Admission:
     window: Window = Window()  # value_window: the data's units -> the card's (service/labfiles/window.py)
 
 
-def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admission:
-    """The cheap checks (no array decoded, no operator built): an ``Admission`` or ``ApiError``."""
+def _parse(body: Any, request_model):
+    """The request model's parse of the body (each block once), or ``ApiError``."""
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the body must be a JSON object; send "
                        '{"model": ..., "operator": {...}, "observation": ..., ...} as in API.md')
     precheck_kinds(body)
     try:
-        req = request_model.model_validate(body)
+        return request_model.model_validate(body)
     except ValidationError as e:
         raise ApiError(422, "invalid_request", validation_message(e)) from None
 
-    model = models.get(req.model)
-    if model is None:
-        raise ApiError(404, "unknown_model", f"model is not a known model id; send one of {sorted(models)} "
-                       "(GET /v1/models)")
-    card = model.card
-    shape = tuple(int(s) for s in card["shape"])
-    if req.num_samples > settings.max_samples:
-        raise ApiError(422, "invalid_request", f"num_samples: {req.num_samples} is over the limit of "
-                       f"{settings.max_samples}; send at most {settings.max_samples}")
-    n_out = req.num_samples * math.prod(shape)
-    if n_out > settings.max_array_elements * 4:
-        raise ApiError(413, "too_large", f"num_samples x model size = {n_out} values is over the limit; "
-                       "send fewer samples")
 
-    name, params = method_params(req.method)
+def _plan(card: dict, model, method, settings) -> Plan:
+    """The method resolved against the card, within the step and network-call limits (404/422)."""
+    name, params = method_params(method)
     if int(params.get("steps", 0) or 0) > settings.max_steps:
         raise ApiError(422, "invalid_request", f"method.steps: {params['steps']} is over the limit of "
                        f"{settings.max_steps}; send at most {settings.max_steps} steps")
@@ -197,26 +189,53 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings) -> Admi
         msg = str(e).splitlines()[0][:300] if str(e) else "invalid value"
         raise ApiError(422, "invalid_method", f"method: {msg}; see GET /v1/methods for the parameters "
                        "and their defaults") from None
-    cfg = plan.config
-    if int(cfg.steps) > settings.max_steps:
-        raise ApiError(422, "invalid_request", f"method.steps: {cfg.steps} is over the limit of "
+    if int(plan.config.steps) > settings.max_steps:
+        raise ApiError(422, "invalid_request", f"method.steps: {plan.config.steps} is over the limit of "
                        f"{settings.max_steps}; send at most {settings.max_steps} steps")
-    calls = cfg.cost()
+    calls = plan.config.cost()
     if calls.network_calls > settings.max_nfe:
         raise ApiError(422, "invalid_method", f"method: the parameters plan {calls.network_calls} network "
                        f"evaluations, over the limit of {settings.max_nfe}; send fewer steps or corrector steps")
-    cost = job_cost(plan, req.num_samples, shape)
+    return plan
+
+
+def _check_cost(plan: Plan, num_samples: int, pixels: int, settings) -> float:
+    """The job's admission cost, or 422 ``too_costly`` over ``max_job_cost``."""
+    cost = job_cost(plan, num_samples, pixels)
     if cost > settings.max_job_cost:
-        per_sample = cost / req.num_samples
+        calls, per_sample = plan.config.cost(), cost / num_samples
         fit = int(settings.max_job_cost // per_sample)
         hint = (f"send at most {fit} samples" if fit >= 1 else
-                f"send fewer steps (at most about {int(cfg.steps * settings.max_job_cost / per_sample)})")
+                f"send fewer steps (at most about {int(plan.config.steps * settings.max_job_cost / per_sample)})")
         raise ApiError(422, "too_costly", f"the job would cost {cost:.3g} pixel-evaluations "
                        f"({calls.network_calls} network calls and {calls.backprops} backprops per sample, "
-                       f"x {req.num_samples} samples x {math.prod(shape)} values), over the limit of "
+                       f"x {num_samples} samples x {pixels} values), over the limit of "
                        f"{settings.max_job_cost:.3g}; {hint}, or split it into several jobs")
-    return Admission(body=body, model=model, shape=shape, operator_spec=req.operator, plan=plan, num_samples=int(req.num_samples),
-                     seed=int(req.seed), noise_sigma=float(req.noise_sigma),
+    return cost
+
+
+def admit(body: Any, request_model, models: Mapping[str, Any], settings,
+          files: Mapping[str, bytes] | None = None) -> Admission:
+    """The cheap checks (no array decoded, no operator built): an ``Admission`` or ``ApiError``."""
+    req = _parse(body, request_model)
+    model = models.get(req.model)
+    if model is None:
+        raise ApiError(404, "unknown_model", f"model is not a known model id; send one of {sorted(models)} "
+                       "(GET /v1/models)")
+    card = model.card
+    shape = request_shape(card, OPERATORS[req.operator.kind_name()], req.operator,
+                          observation_shape(body["observation"], files))
+    if req.num_samples > settings.max_samples:
+        raise ApiError(422, "invalid_request", f"num_samples: {req.num_samples} is over the limit of "
+                       f"{settings.max_samples}; send at most {settings.max_samples}")
+    n_out = req.num_samples * math.prod(shape)
+    if n_out > settings.max_array_elements * 4:
+        raise ApiError(413, "too_large", f"num_samples x model size = {n_out} values is over the limit; "
+                       "send fewer samples")
+    plan = _plan(card, model, req.method, settings)
+    cost = _check_cost(plan, int(req.num_samples), pixels_per_pass(card, shape), settings)
+    return Admission(body=body, model=model, shape=shape, operator_spec=req.operator, plan=plan,
+                     num_samples=int(req.num_samples), seed=int(req.seed), noise_sigma=float(req.noise_sigma),
                      returns=tuple(dict.fromkeys(req.return_)), completion=req.completion, cost=cost)
 
 
@@ -310,8 +329,8 @@ def build(adm: Admission, settings, files: Mapping[str, bytes] | None = None):
     except MethodError as e:
         sent = adm.body.get("method") if isinstance(adm.body.get("method"), dict) else {}
         raise method_error(e, sent, adm.model.card["id"], adm.plan.name) from None
-    problem = Problem(model=adm.model, operator=operator, operator_digest=digest({"kind": operator.kind, **kwargs}),
-                      y=y, noise_sigma=adm.noise_sigma, pde=pde, pde_metric=pde_metric,
+    problem = Problem(model=sized_model(adm.model, adm.shape), operator=operator,
+                      operator_digest=digest({"kind": operator.kind, **kwargs}), y=y, noise_sigma=adm.noise_sigma, pde=pde, pde_metric=pde_metric,
                       pde_digest=digest(pde_spec), plan=adm.plan, num_samples=adm.num_samples,
                       seed=adm.seed, returns=adm.returns, completion=adm.completion,
                       exclusive=adm.plan.config.exclusive(operator), cost=adm.cost)
@@ -328,4 +347,4 @@ def stored_body(body: dict, arrays: dict) -> dict:
 def prepare(body: Any, request_model, models: Mapping[str, Any], settings,
             files: Mapping[str, bytes] | None = None) -> Problem:
     """Validate a request body into a ``Problem`` or raise ``ApiError`` (both phases)."""
-    return build(admit(body, request_model, models, settings), settings, files)[0]
+    return build(admit(body, request_model, models, settings, files), settings, files)[0]

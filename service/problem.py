@@ -77,7 +77,7 @@ class Problem:
         """Jobs with equal keys can share one sampler run."""
         op = self.operator
         return (self.model_id, json.dumps(self.plan.describe(), sort_keys=True, default=repr),
-                float(self.noise_sigma), self.pde_digest, op.kind, tuple(op.obs_shape),
+                float(self.noise_sigma), self.pde_digest, op.kind, tuple(op.in_shape), tuple(op.obs_shape),
                 bool(op.linear), getattr(op, "row_gram", None), bool(op.channel_separable),
                 type(op).__name__,
                 self.operator_digest if self.exclusive else None,
