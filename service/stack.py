@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -128,7 +128,8 @@ def check_cost(adm, depth: int, settings) -> float:
         fit = int(settings.max_job_cost // adm.cost)
         raise ApiError(422, "too_costly", f"the job would cost {cost:.3g} pixel-evaluations ({depth} slices x "
                        f"{adm.cost:.3g} each), over the limit of {settings.max_job_cost:.3g}; send at most {fit} "
-                       "slices x samples per job, fewer steps, or split the volume into several jobs")
+                       f"slices per job at {adm.num_samples} samples, fewer samples or steps, or split the volume "
+                       "into several jobs")
     return cost
 
 
@@ -202,8 +203,7 @@ def job_view(p: Problem) -> np.ndarray | None:
     v = getattr(p, "volume", None)
     if v is None:
         return observation_view(p)
-    views = [observation_view(Problem(p.model, op, "", p.y[d], p.noise_sigma, None, None, "", p.plan, 1, 0, ()))
-             for d, op in enumerate(v.operators)]
+    views = [observation_view(replace(p, operator=op, y=p.y[d], volume=None)) for d, op in enumerate(v.operators)]
     return None if any(x is None for x in views) else np.stack(views)
 
 
