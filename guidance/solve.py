@@ -256,7 +256,7 @@ def solve(model, operator, y, *, noise_sigma: float = 0.0, pde=None, method: str
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64, device=device)
     if operator.linear:
         y = operator.observed(y[None])[0]
-    item = SolveItem(operator, y, num_samples, seed, card_pde(model, pde), completion)
+    item = SolveItem(operator, y, num_samples, seed, pde_metric=card_pde(model, pde), completion=completion)
     run = solve_batch(model, plan, [item], noise_sigma=noise_sigma, pde=pde, device=device, callback=callback)
     out = run.items[0]
     if out.error is not None:

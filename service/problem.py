@@ -86,7 +86,7 @@ class Problem:
 
 def solve_item(p: Problem) -> SolveItem:
     """The problem as ``guidance.solve.solve_batch`` takes it (samples, seed, how to finish)."""
-    return SolveItem(p.operator, p.y, p.num_samples, p.seed, p.pde_metric, p.completion)
+    return SolveItem(p.operator, p.y, p.num_samples, p.seed, pde_metric=p.pde_metric, completion=p.completion)
 
 
 def observation_view(p: Problem) -> np.ndarray | None:
