@@ -35,14 +35,15 @@ class MethodError(ValueError):
 
 @dataclass(frozen=True)
 class Declared:
-    """A parameter's meaning and range: ``minimum <= v <= maximum``, ``v > above``, ``v`` in
-    ``choices`` (each element of a per-channel tuple alike)."""
+    """A parameter's meaning, unit and range: ``minimum <= v <= maximum``, ``v > above``, ``v``
+    in ``choices`` (each element of a per-channel tuple alike). No unit: a pure number."""
 
     doc: str
     minimum: float | None = None
     maximum: float | None = None
     above: float | None = None
     choices: tuple | None = None
+    unit: str | None = None
 
 
 def param(default: Any, doc: str, **bounds) -> Any:

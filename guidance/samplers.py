@@ -68,7 +68,7 @@ class Sampler(Protocol):
 # --------------------------------------------------------------------------- configs
 #: The parameters several methods share, declared once.
 def _steps(default: int):
-    return param(default, "sampler steps (noise levels); null: the default", minimum=1)
+    return param(default, "sampler steps (noise levels); null: the default", minimum=1, unit="steps")
 
 
 def _schedule(default: str):
@@ -318,7 +318,7 @@ class FastConfig(SamplerConfig):
     zeta_obs: float | tuple[float, ...] = _zeta_obs(1.0)
     zeta_pde: float = _zeta_pde(0.0)
     noise_floor: float = param(1e-2, "stands in for noise_sigma in the Kalman step when the observation is "
-                               "noiseless")
+                               "noiseless", unit="the observation's units")
     cg_iters: int = param(1, "conjugate-gradient iterations of the Kalman step, 0..50 (each one backprop per "
                           "step; 0: no Kalman step, only the closed-form proximal step: linear operators "
                           "without a PDE term)", minimum=0, maximum=50)

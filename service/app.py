@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .deps import State
 from .job import JobsError
+from .metrics import RequestCounter
 from .worker import JobManager
 from .errors import STATUS_CODES, ApiError, error_body, scrub
 from .routers import catalogue, docs, health, jobs
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, models: dict | None = None, mak
     for router in (health.router, catalogue.router, jobs.router, docs.router):
         app.include_router(router)
     app.mount(docs.PREFIX, docs.assets(), name="docs-assets")
+    app.add_middleware(RequestCounter, metrics=state.metrics)
     app.openapi = lambda: openapi(app, state)
     return app
 

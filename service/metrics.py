@@ -29,6 +29,9 @@ class ServiceMetrics:
         self.shared_nfe = Counter("reconserve_shared_network_evaluations_total",
                                   "Network calls saved by batching (job-evaluations minus calls made)",
                                   registry=r)
+        self.requests = Counter("reconserve_http_requests_total",
+                                "HTTP requests answered, by route template, method and status",
+                                ["route", "method", "status"], registry=r)
         self.gpu_memory = Gauge("reconserve_gpu_memory_bytes", "CUDA memory allocated by torch",
                                 ["device"], registry=r)
 
@@ -41,3 +44,26 @@ class ServiceMetrics:
             except Exception:  # pragma: no cover - metrics must never fail a scrape
                 pass
         return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware: every answered HTTP request counted by its route's template (``/v1/jobs/{job_id}``,
+    never the id itself; ``unmatched`` for unknown paths), method and status."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, scope.get("method", ""), str(status[0] if status else 500)).inc()

@@ -105,12 +105,27 @@ class ModelList(BaseModel):
     models: list[ModelCard]
 
 
+class ParameterInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    default: Any = Field(description="the method's generic default (a model card may run another: tuned)")
+    meaning: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    choices: list[str] | None = None
+    unit: str | None = Field(None, description="absent: a pure number")
+    per_channel: bool = Field(False, description="takes one number, or a list of one per channel")
+
+
 class MethodInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     summary: str
     paper: str
-    parameters: dict[str, Any]
+    parameters: dict[str, Any] = Field(description="each parameter's generic default")
+    parameter_info: dict[str, ParameterInfo] = Field(default_factory=dict)
+    tuned: dict[str, Any] | None = Field(None, description="with ?model=: the parameters that model's card runs "
+                                                          "the method with (null: the card does not recommend it)")
     nfe_per_step: int
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from guidance.params import Declared, MethodError, declared
+from guidance.params import Declared, MethodError, declared, per_channel
 from guidance.registry import Method
 from operators.params import spec_error
 
@@ -70,3 +70,24 @@ def method_error(e: MethodError, sent: dict | None = None, card_id: str = "", me
         f" (the value is model {card_id}'s tuned default for {method})"
     msg = f"{field}: {e.problem}" + (f"; send {e.expected}" if e.expected else "")
     return ApiError(422, "invalid_method", msg + whence)
+
+
+def _info(method: Method, f: dataclasses.Field) -> dict:
+    d = declared(f)
+    bounds = {"minimum": d.minimum, "maximum": d.maximum, "exclusive_minimum": d.above,
+              "choices": list(d.choices) if d.choices else None, "unit": d.unit}
+    default = list(f.default) if isinstance(f.default, tuple) else f.default
+    return {"default": default, "meaning": d.doc, **{k: v for k, v in bounds.items() if v is not None},
+            "per_channel": per_channel(method.config, f.name)}
+
+
+def describe_method(method: Method, card: dict | None = None) -> dict:
+    """A method as ``GET /v1/methods`` lists it: its defaults, and each parameter's meaning, unit
+    and range; with a model's ``card``, the values that card runs it with (``tuned``; null: the
+    card does not recommend it)."""
+    out = method.describe()
+    out["parameter_info"] = {f.name: _info(method, f) for f in dataclasses.fields(method.config)}
+    if card is not None:
+        entry = next((m for m in card.get("methods") or [] if m.get("name") == method.name), None)
+        out["tuned"] = None if entry is None else {k: v for k, v in entry.items() if k != "name"}
+    return out

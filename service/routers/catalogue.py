@@ -1,13 +1,14 @@
 """``/v1/models``, ``/v1/operators``, ``/v1/methods``."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from guidance.registry import METHODS
 from operators.spec import OPERATORS
 
 from .. import schemas
+from ..api.methods import describe_method
 from ..api.operators import describe_operator
 from ..deps import AUTH, READY, State, get_state
 from ..errors import ApiError
@@ -38,6 +39,15 @@ async def list_operators():
 
 
 @router.get("/v1/methods", response_model=schemas.MethodList, dependencies=AUTH, responses=ERROR_RESPONSES)
-async def list_methods():
-    """The sampling methods, each with its parameters, their defaults, and network evaluations per step."""
-    return JSONResponse(public_card({"methods": [METHODS[n].describe() for n in METHODS]}))
+async def list_methods(model: str | None = Query(None, description="a model id: show the values its card runs "
+                                                                    "each method with (tuned)"),
+                       state: State = Depends(get_state)):
+    """The sampling methods, each with its parameters (defaults, meaning, unit, range) and network
+    evaluations per step; with ``?model=``, the values that model's card runs each method with."""
+    card = None
+    if model is not None:
+        found = state.models.get(model)
+        if found is None:
+            raise ApiError(404, "unknown_model", f"model is not a known model id; send one of {sorted(state.models)}")
+        card = found.card
+    return JSONResponse(public_card({"methods": [describe_method(METHODS[n], card) for n in METHODS]}))
