@@ -354,3 +354,29 @@ def _inflated(text: str) -> int:
     while chunk := handle.read(1 << 24):
         total += len(chunk)
     return total
+
+
+# ----------------------------------------------------------------------------- volumes over HTTP
+def test_volumes_from_lab_files_come_back_in_their_format_and_geometry(make_client):
+    client = make_client()
+    xyz = RNG.standard_normal((32, 32, 3)).astype(np.float32)
+    nifti = nifti_bytes(xyz)
+    job = _run(client, _identity(observation={"nifti": b64(nifti)}))
+    out, src = read_nifti(client.get(f"/v1/jobs/{job}/result?format=nifti").content), read_nifti(nifti)
+    assert out.shape == (32, 32, 3)
+    np.testing.assert_array_equal(out.affine, src.affine)
+    mean = decode(client.get(f"/v1/jobs/{job}/result").json()["mean"])  # [D, C, H, W]
+    np.testing.assert_allclose(out.get_fdata(), mean[:, 0].transpose(2, 1, 0), rtol=1e-6)
+
+    stored = RNG.integers(0, 600, size=(3, 32, 32)).astype(np.int16)
+    zipped = dicom_zip(stored, order=[2, 0, 1], slope=0.002, intercept=-0.5)
+    job = _run(client, _identity(observation={"file": "series"}), files={"series": zipped})
+    series = read_dicom_zip(client.get(f"/v1/jobs/{job}/result", headers={"Accept": "application/zip"}).content)
+    src = sorted(read_dicom_zip(zipped), key=lambda ds: int(ds.InstanceNumber))
+    assert [ds.ImagePositionPatient for ds in series] == [ds.ImagePositionPatient for ds in src]
+    assert len({ds.SeriesInstanceUID for ds in series}) == 1 and series[0].SeriesInstanceUID != src[0].SeriesInstanceUID
+
+    pages = RNG.integers(0, 255, size=(3, 32, 32)).astype(np.uint8)
+    job = _run(client, _identity(observation={"tiff": b64(tiff_stack(pages))}))
+    with tifffile.TiffFile(io.BytesIO(client.get(f"/v1/jobs/{job}/result?format=tiff").content)) as tf:
+        assert len(tf.pages) == 3
