@@ -3,6 +3,7 @@ readiness, a job by id)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 
@@ -95,15 +96,30 @@ def get_state(request: Request) -> State:
     return request.app.state.reconserve
 
 
-async def require_key(request: Request, state: State = Depends(get_state)) -> None:
-    keys = state.settings.api_keys
-    if not keys:
-        return
+def presented_key(request: Request) -> str | None:
+    """The API key a request carries (``X-API-Key`` or ``Authorization: Bearer``), if any."""
     key = request.headers.get("x-api-key")
     if key is None:
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
             key = auth[7:].strip()
+    return key
+
+
+def caller_of(request: Request, settings) -> str | None:
+    """Who is calling: a digest of the API key (never the key itself); None when the server
+    takes no keys (one caller)."""
+    key = presented_key(request)
+    if not settings.api_keys or not key:
+        return None
+    return hashlib.sha256(b"reconserve-caller\0" + key.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+async def require_key(request: Request, state: State = Depends(get_state)) -> None:
+    keys = state.settings.api_keys
+    if not keys:
+        return
+    key = presented_key(request)
     ok = False
     if key:
         given = key.encode("utf-8", "replace")

@@ -96,6 +96,7 @@ class Job:
         self.returns = problem.returns if problem is not None else tuple(record.request.get("return") or ("mean", "std"))
         self.status, self.step, self.total = record.status, int(record.step), int(record.total)
         self.created_at, self.started_at, self.finished_at = record.created_at, record.started_at, record.finished_at
+        self.created_ts = record.created_ts  # wall clock (s): the order of GET /v1/jobs
         self.error = record.error
         self.worker = record.owner  # the worker replica that holds it (scale-out), else None
         self.result_meta = record.result

@@ -70,7 +70,8 @@ class JobsBase(Admission):
 
     # ------------------------------------------------------------------ jobs
     def submit(self, problem: Problem, reservation: Reservation, request: dict, arrays: dict,
-               idempotency_key: str | None = None, body_digest: str | None = None) -> tuple[Job, bool]:
+               idempotency_key: str | None = None, body_digest: str | None = None,
+               caller: str | None = None) -> tuple[Job, bool]:
         """Persist the job (durable when this returns), then queue it. Returns ``(job, new)``;
         ``new`` is False when ``idempotency_key`` already named a job (that job is returned)."""
         record = JobRecord(
@@ -78,7 +79,7 @@ class JobsBase(Admission):
             num_samples=problem.num_samples, seed=problem.seed, step=0, total=int(problem.plan.config.steps),
             created_at=now_iso(), started_at=None, finished_at=None, created_ts=time.time(), finished_ts=None,
             request=request, error=None, result=None, bytes=0, cost=problem.cost,
-            idempotency_key=idempotency_key, body_digest=body_digest)
+            idempotency_key=idempotency_key, body_digest=body_digest, caller=caller)
         try:
             self.store.insert(record, arrays)
         except IntegrityError:
@@ -104,6 +105,14 @@ class JobsBase(Admission):
     def by_key(self, key: str) -> Job | None:
         rec = self.store.find_key(key)
         return self.get(rec.id) if rec is not None else None
+
+    def listing(self, caller: str | None, statuses: tuple[str, ...], limit: int,
+                after: tuple[float, str] | None) -> list[Job]:
+        """A caller's jobs, newest first (``JobStore.listing``), live ones as this process sees them."""
+        records = self.store.listing(caller, statuses, limit, after)
+        with self._cond:
+            live = [self._active.get(r.id) or self._recent.get(r.id) for r in records]
+        return [j if j is not None else Job(r) for j, r in zip(live, records)]
 
     def get(self, job_id: str) -> Job | None:
         """The job (``status == "expired"`` past retention), or None if the store never saw it."""

@@ -160,6 +160,11 @@ class JobStatus(BaseModel):
     error: ErrorDetail | None = None
 
 
+class JobList(BaseModel):
+    jobs: list[JobStatus] = Field(description="newest first")
+    next_page_token: str | None = Field(description="pass as page_token for the next page; null: the last page")
+
+
 class ResultMetrics(BaseModel):
     data_residual: float | None = Field(description="||y - A(mean)|| / ||y|| in physical units (null if "
                                         "not finite, e.g. when the norms overflow)")

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from .codecs import npy_bytes
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -59,6 +59,7 @@ jobs_table = sa.Table(
     sa.Column("body_digest", sa.String(64)),
     sa.Column("owner", sa.String(200)),  # the worker replica holding the job (scale-out), else NULL
     sa.Column("heartbeat_ts", sa.Float),  # wall clock (s) of its owner's last lease renewal
+    sa.Column("caller", sa.String(64), index=True),  # who submitted it (a digest of the API key), else NULL
 )
 
 version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
@@ -74,6 +75,15 @@ def _add_claim_columns(c) -> None:
 
 
 MIGRATIONS[1] = _add_claim_columns
+
+
+def _add_caller_column(c) -> None:
+    """2 -> 3: who submitted each job (``GET /v1/jobs`` lists a caller's own)."""
+    c.execute(sa.text("ALTER TABLE jobs ADD COLUMN caller VARCHAR(64)"))
+    c.execute(sa.text("CREATE INDEX ix_jobs_caller ON jobs (caller)"))
+
+
+MIGRATIONS[2] = _add_caller_column
 
 UNFINISHED = ("queued", "running", "cancelling")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -105,6 +115,7 @@ class JobRecord:
     body_digest: str | None = None
     owner: str | None = None
     heartbeat_ts: float | None = None
+    caller: str | None = None
 
     @classmethod
     def from_row(cls, row) -> "JobRecord":
@@ -351,6 +362,22 @@ class JobStore:
         with self.engine.connect() as c:
             row = c.execute(sa.select(jobs_table).where(jobs_table.c.idempotency_key == key)).first()
         return JobRecord.from_row(row) if row is not None else None
+
+    def listing(self, caller: str | None, statuses: tuple[str, ...] = (), limit: int = 50,
+                after: tuple[float, str] | None = None) -> list[JobRecord]:
+        """A caller's jobs (every job when ``caller`` is None), newest first, without their requests;
+        ``after``: the ``(created_ts, id)`` of the last job of the previous page."""
+        t = jobs_table.c
+        q = sa.select(*[col for col in jobs_table.c if col.name != "request"])
+        if caller is not None:
+            q = q.where(t.caller == caller)
+        if statuses:
+            q = q.where(t.status.in_(statuses))
+        if after is not None:
+            q = q.where((t.created_ts < after[0]) | ((t.created_ts == after[0]) & (t.id < after[1])))
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(t.created_ts.desc(), t.id.desc()).limit(limit)).all()
+        return [JobRecord.from_row(r) for r in rows]
 
     def unfinished(self) -> list[JobRecord]:
         """Jobs a previous process accepted and did not finish, oldest first."""

@@ -9,6 +9,7 @@ and queued, and only then is ``202`` answered.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import schemas
 from ..body import body_slot, read_body
 from ..codecs import CodecError, encode_array
-from ..deps import AUTH, READY, State, get_job, get_state
+from ..deps import AUTH, READY, State, caller_of, get_job, get_state
 from ..errors import ApiError
 from ..admission import ShuttingDown
 from ..job import Job, JobResult, JobsError
@@ -90,14 +91,14 @@ async def accept(request: Request, state: State) -> tuple[Job, bool]:
             seen = await run_in_threadpool(state.jobs.by_key, key)
             if seen is not None:
                 return _same_body(seen, body.digest), False
-        adm = await run_in_threadpool(admit, body.json, state.request_model, state.models, settings)
+        adm = await run_in_threadpool(admit, body.json, state.request_model, state.models, settings, body.files)
         reservation = state.jobs.reserve(adm.cost, body.size)
         try:
             problem, arrays, stored = await run_in_threadpool(_build, state, adm, body.files)
             if state.shutting_down:
                 raise ShuttingDown()
             job, new = await run_in_threadpool(state.jobs.submit, problem, reservation, stored, arrays,
-                                               key, body.digest)
+                                               key, body.digest, caller_of(request, settings))
         finally:
             state.jobs.release(reservation)
     return (job, True) if new else (_same_body(job, body.digest), False)
@@ -123,6 +124,33 @@ async def submit_job(request: Request, state: State = Depends(get_state)):
     """Submit a reconstruction: 202 once the job is durable, with `Location: /v1/jobs/{id}`. An `Idempotency-Key` already seen with the same body answers 200 with the same job."""
     job, new = await accept(request, state)
     return JSONResponse(job.status_dict(), 202 if new else 200, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/v1/jobs", response_model=schemas.JobList, dependencies=AUTH, responses=ERROR_RESPONSES)
+async def list_jobs(request: Request, state: State = Depends(get_state),
+                    status: list[schemas.JobState] = Query([], description="only jobs in these states (repeatable)"),
+                    limit: int = Query(50, ge=1, le=200, description="jobs per page"),
+                    page_token: str | None = Query(None, max_length=200, description="next_page_token of the "
+                                                   "previous page")):
+    """The caller's jobs (those submitted with the same API key; every job where the server takes
+    no keys), newest first, a page at a time; `status` filters."""
+    after = _read_token(page_token)
+    jobs = await run_in_threadpool(state.jobs.listing, caller_of(request, state.settings), tuple(status),
+                                   limit, after)
+    last = jobs[-1] if len(jobs) == limit else None
+    token = None if last is None else base64.urlsafe_b64encode(f"{last.created_ts!r}|{last.id}".encode()).decode()
+    return JSONResponse({"jobs": [j.status_dict() for j in jobs], "next_page_token": token})
+
+
+def _read_token(token: str | None) -> tuple[float, str] | None:
+    if token is None:
+        return None
+    try:
+        ts, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return float(ts), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(422, "invalid_request", "page_token is not one this server gave; send the "
+                       "next_page_token of the previous page, or none for the first") from None
 
 
 @router.get("/v1/jobs/{job_id}", response_model=schemas.JobStatus, dependencies=AUTH, responses=ERROR_RESPONSES)
