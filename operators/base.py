@@ -88,6 +88,8 @@ class Operator:
     Spec: ClassVar[type[OperatorSpec] | None] = None
     #: The observation's shape, in words.
     observation_shape: ClassVar[str] = ""
+    #: True when the observation lies on the image's grid (``[C, H, W]``): it tells the image size.
+    grid_observation: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -107,7 +109,7 @@ class Operator:
     def image_size(cls, spec: OperatorSpec, obs_shape: tuple[int, ...]) -> tuple[int, int] | None:
         """The image size ``(H, W)`` that an observation of ``obs_shape`` implies under ``spec``
         (None: the observation does not say, e.g. a list of points or of measurements)."""
-        return None
+        return grid_size(obs_shape) if cls.grid_observation else None
 
     @classmethod
     def check_spec(cls, spec: OperatorSpec, in_shape: tuple[int, int, int]) -> dict:

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from deepinv.physics.generator import MotionBlurGenerator
 
-from .base import SVD, LinearOperator, grid_size
+from .base import SVD, LinearOperator
 from .params import (Array, Integer, Invalid, Number, OperatorSpec, Seed, SpecModel, array, fail, shape_str)
 from .imaging import as_f64, present, rho_like
 
@@ -146,10 +146,7 @@ class Blur(LinearOperator):
     kind = "blur"
     Spec = BlurSpec
     observation_shape = "[C,H,W]"
-
-    @classmethod
-    def image_size(cls, spec, obs_shape):
-        return grid_size(obs_shape)
+    grid_observation = True
 
     @classmethod
     def check_spec(cls, spec, in_shape):

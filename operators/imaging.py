@@ -57,10 +57,7 @@ class Identity(LinearOperator):
     kind = "identity"
     Spec = IdentitySpec
     observation_shape = "[C,H,W]"
-
-    @classmethod
-    def image_size(cls, spec, obs_shape):
-        return grid_size(obs_shape)
+    grid_observation = True
     row_gram = 1.0
 
     @property
@@ -102,10 +99,7 @@ class Inpainting(LinearOperator):
     kind = "inpainting"
     Spec = InpaintingSpec
     observation_shape = "[C,H,W]"
-
-    @classmethod
-    def image_size(cls, spec, obs_shape):
-        return grid_size(obs_shape)
+    grid_observation = True
     row_gram = 1.0
 
     @classmethod
