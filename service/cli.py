@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 from pathlib import Path
@@ -10,21 +9,18 @@ from pathlib import Path
 import numpy as np
 
 
-FILE_ENCODINGS = {".npy": "npy", ".png": "png", ".tif": "tiff", ".tiff": "tiff"}
-
-
 def encode_file(path: Path) -> dict:
-    """An array file as the API's encoding of it (``{"npy"|"png"|"tiff": base64}``), so the
-    server's decoders (scaling, channel order, checks) read it exactly as they read any request."""
-    kind = FILE_ENCODINGS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: not a .npy, .png or .tif file")
-    return {kind: base64.b64encode(path.read_bytes()).decode("ascii")}
+    """An array or lab file (or a folder of DICOM files) as the API's encoding of it, so the
+    server's decoders (scaling, channel order, geometry, checks) read it exactly as they read any
+    request (``service.client.encode_path``)."""
+    from service.client import encode_path
+    return encode_path(path)
 
 
 def _load_array(value, base: Path):
-    """Paths to .npy/.png/.tif files inside an operator JSON, relative to it, as their encoding."""
-    if isinstance(value, str) and value.lower().endswith(tuple(FILE_ENCODINGS)):
+    """Paths to array files inside an operator JSON, relative to it, as their encoding."""
+    from service.client import SUFFIXES
+    if isinstance(value, str) and value.lower().endswith(tuple(SUFFIXES)):
         return encode_file((base / value) if not Path(value).is_absolute() else Path(value))
     if isinstance(value, dict):
         return {k: _load_array(v, base) for k, v in value.items()}
@@ -60,22 +56,24 @@ def cmd_solve(args) -> int:
     message and exit code 2, never a traceback."""
     from tqdm import tqdm
 
-    from service.client import Client, ServiceError
+    from service.client import Client, ServiceError, result_format
     from service.errors import ApiError
 
     try:
         op_path = Path(args.operator)
         spec = _load_array(json.loads(op_path.read_text()), op_path.parent)
         y = encode_file(Path(args.observation))
+        out_format = None if args.out.lower().endswith(".npz") else result_format(args.out)
     except (OSError, ValueError) as e:
-        print(f"error: cannot read the operator or observation: {e}", file=sys.stderr)
+        print(f"error: cannot read the operator or observation, or write --out: {e}", file=sys.stderr)
         return 2
     params = _parse_params(args.param)
     if args.steps is not None:
         params["steps"] = args.steps
     method = {"name": args.method, **params} if args.method else (params or None)
     body = Client._body(args.model, spec, y, args.noise_sigma, method, args.samples, args.seed,
-                        {"kind": args.pde} if args.pde else None, ("mean", "std", "samples"), args.completion)
+                        {"kind": args.pde} if args.pde else None, ("mean", "std", "samples"), args.completion,
+                        args.value_window)
     bars: list = []  # made at the first progress event (none when the request is refused)
 
     def progress(e):
@@ -90,50 +88,63 @@ def cmd_solve(args) -> int:
                 job_id = client.submit_body(body)
                 progress(client.wait(job_id, progress=progress))
                 res = client.result(job_id)
+                if out_format is not None:
+                    client.save_result(job_id, args.out)
         else:
-            res = _solve_locally(body, args, progress)
+            res, result_file = _solve_locally(body, args, progress)
+            if out_format is not None:
+                from service.client import write_result_file
+                write_result_file(args.out, result_file(out_format))
     except (ApiError, ServiceError) as e:
         print(f"\nerror: {e.code}: {e.message}" if bars else f"error: {e.code}: {e.message}", file=sys.stderr)
         return 2
     finally:
         for bar in bars:
             bar.close()
-    out = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
     meta = {k: v for k, v in res.items() if not isinstance(v, np.ndarray) and v is not None}
-    np.savez(args.out, **out, meta=np.asarray(json.dumps(meta)))
+    if out_format is None:
+        np.savez(args.out, **{k: v for k, v in res.items() if isinstance(v, np.ndarray)},
+                 meta=np.asarray(json.dumps(meta)))
     print(json.dumps(meta))
     return 0
 
 
-def _solve_locally(body: dict, args, progress) -> dict:
-    """The request as the server would run it alone: ``prepare`` (every check the server makes),
-    then ``guidance.solve.solve_batch`` (sampling, completion, metrics); torch threads as the
-    server's default."""
+def _solve_locally(body: dict, args, progress):
+    """The request as the server would run it alone: ``prepare.admit`` and ``build`` (every check
+    the server makes), then ``guidance.solve.solve_batch`` (sampling, completion, metrics; a
+    volume's slices as the worker runs them); torch threads as the server's default. Returns
+    ``(the result, in the data's units, and result_file(format) -> bytes)``."""
     import torch
 
     from guidance.registry import METHODS
     from guidance.solve import solve_batch
     from models.checkpoint import load_models
     from operators.spec import OPERATORS
-    from service.prepare import prepare
-    from service.problem import solve_item
+    from service.codecs import npy_bytes
+    from service.labfiles import LAB_RECORD, Window, read_lab_record
+    from service.labfiles.results import Samples, field_array, result_file
+    from service.prepare import admit, build
     from service.schemas import make_request_model
     from service.settings import Settings
+    from service.stack import job_items, job_outcomes
 
     settings = Settings()
     torch.set_num_threads(args.threads or settings.torch_threads or torch.get_num_threads())
     models = load_models(settings.checkpoints_dir, *([args.models] if args.models else []))
-    p = prepare(body, make_request_model(list(OPERATORS), list(METHODS)), models, settings)
+    p, arrays, _ = build(admit(body, make_request_model(list(OPERATORS), list(METHODS)), models, settings), settings)
     with torch.no_grad():
-        run = solve_batch(p.model, p.plan, [solve_item(p)], noise_sigma=p.noise_sigma, pde=p.pde,
-                          device=settings.device, callback=progress)
-    out = run.items[0]
+        run = solve_batch(p.model, p.plan, job_items(p), noise_sigma=p.noise_sigma, pde=p.pde, device=settings.device,
+                          callback=progress, chunk=settings.slice_chunk if p.volume is not None else None)
+    out = job_outcomes([p], run.items)[0]
     if out.error is not None:
         raise out.error
-    samples = out.samples.float().cpu().numpy()
-    return {"mean": samples.mean(0), "std": samples.std(0, ddof=1) if len(samples) > 1 else None,
-            "samples": samples, "nfe": run.nfe, "elapsed_s": run.seconds, "seed": p.seed,
-            "method": p.plan.describe(), "metrics": out.metrics, "model": p.model_id}
+    lab = read_lab_record(npy_bytes(arrays[LAB_RECORD]) if LAB_RECORD in arrays else None)
+    stats, window = Samples(out.samples.float().cpu().numpy()), Window(*lab["window"])
+    res = {"mean": field_array(stats, "mean", window),
+           "std": field_array(stats, "std", window) if stats.std is not None else None,
+           "samples": field_array(stats, "samples", window), "nfe": run.nfe, "elapsed_s": run.seconds,
+           "seed": p.seed, "method": p.plan.describe(), "metrics": out.metrics, "model": p.model_id}
+    return res, lambda fmt: result_file(fmt, "mean", stats, lab)
 
 
 def cmd_serve(args) -> int:
@@ -184,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("solve", help="reconstruct from an observation (locally, or with --server)")
     s.add_argument("--model", required=True, help="the model id (see `reconserve models`)")
     s.add_argument("--operator", required=True, help="operator JSON (arrays as lists, {'npy': b64} or file paths)")
-    s.add_argument("--observation", required=True, help=".npy, .png or .tif")
+    s.add_argument("--observation", required=True,
+                   help=".npy, .png, .tif (pages: slices), .nii / .nii.gz, or a DICOM series (.zip or a folder)")
+    s.add_argument("--value-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="the data's units mapped to the model's value range (and the results back), e.g. "
+                        "-1000 1000 for CT in HU")
     s.add_argument("--method", default=None, help="fast, dps, ald, diffusion_pde (default: the model card's)")
     s.add_argument("--steps", type=int, default=None,
                    help="sampler steps (method.steps; default: the model card's for the method)")
@@ -196,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--completion", default="auto", choices=["auto", "solve", "off"],
                    help="PDE models: re-solve u from each sample's a (auto: when u is unobserved)")
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="a method parameter (repeatable)")
-    s.add_argument("--out", required=True, help="result .npz (mean, std, samples, meta)")
+    s.add_argument("--out", required=True,
+                   help="result .npz (mean, std, samples, meta), or the mean as .nii / .nii.gz, a DICOM .zip, "
+                        ".tif or .npy, in the observation's geometry")
     s.add_argument("--models", help="an extra folder of checkpoints")
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the server's, RECONSERVE_TORCH_THREADS, 1)")

@@ -5,12 +5,23 @@
     out["mean"], out["std"], out["nfe"], out["metrics"]
 
 Arrays (the observation, and numpy arrays anywhere in the operator) travel as base64 ``.npy``.
+An observation may also be a file path (``.nii``/``.nii.gz``, a DICOM ``.zip`` or folder, a
+``.tif`` stack, ``.png``, ``.npy``): it goes as that file, and the result comes back in the same
+format too (``out["file"]``; or ``out=`` a path whose name says the format):
+
+    out = c.reconstruct("phantom-64", {"kind": "ct", "angles": 30}, "scan.nii.gz",
+                        value_window=[-1000, 1000], out="recon.nii.gz")
 """
 from __future__ import annotations
 
+import base64
+import gzip
+import io
 import json
 import time
 import uuid
+import zipfile
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import httpx
@@ -19,6 +30,59 @@ import numpy as np
 from .codecs import from_encoded, to_npy_field, walk_arrays
 
 ARRAY_KEYS = ("mean", "std", "samples")
+#: File formats by name (longest suffix first): how a file is sent, and how a result is asked for.
+SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".zip": "dicom", ".tiff": "tiff", ".tif": "tiff",
+            ".npy": "npy", ".png": "png"}
+#: The formats a result can be written in (API.md "Lab data": ``?format=``).
+RESULT_FORMATS = ("nifti", "dicom", "tiff", "npy")
+
+
+def file_format(path) -> str | None:
+    """The format a file's name says (a folder: a DICOM series), or None."""
+    p = Path(path)
+    if p.is_dir():
+        return "dicom"
+    name = p.name.lower()
+    return next((kind for suffix, kind in SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def encode_path(path) -> dict:
+    """A file as the API's encoding of it (``{"nifti"|"dicom"|"tiff"|"png"|"npy": base64}``); a
+    folder of DICOM files is zipped on the way."""
+    p = Path(path)
+    kind = file_format(p)
+    if kind is None:
+        raise ValueError(f"{p}: not a .nii, .nii.gz, DICOM .zip or folder, .tif, .png or .npy file")
+    if p.is_dir():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                zf.write(f, f.relative_to(p).as_posix())
+        data = buf.getvalue()
+    else:
+        data = p.read_bytes()
+    return {kind: base64.b64encode(data).decode("ascii")}
+
+
+def is_path(value) -> bool:
+    return isinstance(value, (str, Path))
+
+
+def write_result_file(path, data: bytes) -> Path:
+    """A result file as the server sent it (NIfTI gzipped), to ``path`` (``.nii``: uncompressed)."""
+    p = Path(path)
+    if p.name.lower().endswith(".nii") and data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    p.write_bytes(data)
+    return p
+
+
+def result_format(path) -> str:
+    """The result format ``path``'s name asks for, or ValueError."""
+    kind = file_format(path) if not Path(path).is_dir() else None
+    if kind not in RESULT_FORMATS:
+        raise ValueError(f"{path}: a result is written as .nii / .nii.gz, a DICOM .zip, .tif or .npy")
+    return kind
 
 
 class ServiceError(RuntimeError):
@@ -60,14 +124,21 @@ class Client:
 
     @staticmethod
     def _body(model, operator, observation, noise_sigma=0.0, method=None, num_samples=1, seed=0,
-              pde=None, return_: Iterable[str] = ("mean", "std"), completion: str = "auto") -> dict:
+              pde=None, return_: Iterable[str] = ("mean", "std"), completion: str = "auto",
+              value_window=None) -> dict:
+        """The request body; ``observation``: an array, an encoding (dict) or a file path."""
         if isinstance(method, str):
             method = {"name": method}
-        return {"model": model, "completion": completion,
+        if is_path(observation):
+            observation = encode_path(observation)
+        body = {"model": model, "completion": completion,
                 "operator": walk_arrays(dict(operator), to_npy_field),
                 "observation": observation if isinstance(observation, dict) else to_npy_field(np.asarray(observation)),
                 "noise_sigma": float(noise_sigma), "pde": pde, "method": method,
                 "num_samples": int(num_samples), "seed": int(seed), "return": list(return_)}
+        if value_window is not None:
+            body["value_window"] = [float(v) for v in value_window]
+        return body
 
     @staticmethod
     def _decode(result: dict) -> dict:
@@ -99,21 +170,31 @@ class Client:
     def reconstruct(self, model: str, operator: dict, observation, noise_sigma: float = 0.0,
                     method: str | dict | None = None, num_samples: int = 1, seed: int = 0,
                     pde: dict | None = None, return_: Iterable[str] = ("mean", "std"),
-                    completion: str = "auto") -> dict:
-        """``POST /v1/reconstruct``: waits; returns the Result with numpy arrays (None where absent)."""
+                    completion: str = "auto", value_window=None, out=None) -> dict:
+        """``POST /v1/reconstruct``: waits; returns the Result with numpy arrays (None where absent).
+        A file path as ``observation`` also gives ``"file"``: the mean in that file's format (a
+        PNG's as TIFF); ``out``: a path to write the mean to, in the format its name says."""
         body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_,
-                          completion)
-        return self._decode(self._request("POST", "/v1/reconstruct", json=body).json())
+                          completion, value_window)
+        out_format = result_format(out) if out is not None else None
+        res = self._decode(self._request("POST", "/v1/reconstruct", json=body).json())
+        if out_format is None and is_path(observation):
+            out_format = {"png": "tiff"}.get(file_format(observation), file_format(observation))
+        if out_format is not None:
+            res["file"] = self.result_file(res["id"], out_format)
+            if out is not None:
+                write_result_file(out, res["file"])
+        return res
 
     def submit(self, model: str, operator: dict, observation, noise_sigma: float = 0.0,
                method: str | dict | None = None, num_samples: int = 1, seed: int = 0,
                pde: dict | None = None, return_: Iterable[str] = ("mean", "std"), completion: str = "auto",
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, value_window=None) -> str:
         """``POST /v1/jobs``: the job id. Sent with an ``Idempotency-Key`` (a fresh one unless
         given) and sent again with the same key when the connection fails or the server is
         restarting (503), so a retry never makes a second job."""
         body = self._body(model, operator, observation, noise_sigma, method, num_samples, seed, pde, return_,
-                          completion)
+                          completion, value_window)
         return self.submit_body(body, idempotency_key)
 
     def submit_body(self, body: dict, idempotency_key: str | None = None) -> str:
@@ -184,6 +265,15 @@ class Client:
     def result(self, job_id: str) -> dict:
         """The Result with numpy arrays (raises ``ServiceError`` if the job failed or is not done)."""
         return self._decode(self._request("GET", f"/v1/jobs/{job_id}/result").json())
+
+    def result_file(self, job_id: str, format: str, field: str = "mean") -> bytes:  # noqa: A002 - the API's name
+        """The result's ``field`` (mean, std or samples) as a file: ``format`` nifti (gzipped),
+        dicom (a zip), tiff or npy, in the observation's geometry and units."""
+        return self._request("GET", f"/v1/jobs/{job_id}/result", params={"format": format, "field": field}).content
+
+    def save_result(self, job_id: str, path, field: str = "mean") -> Path:
+        """``result_file`` written to ``path``, in the format its name says."""
+        return write_result_file(path, self.result_file(job_id, result_format(path), field))
 
     def cancel(self, job_id: str) -> dict:
         return self._request("DELETE", f"/v1/jobs/{job_id}").json()

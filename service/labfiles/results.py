@@ -7,7 +7,11 @@ Shapes: a 2-D job's mean is ``[C, H, W]`` and its samples ``[K, C, H, W]``; a vo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from guidance.solve import PosteriorStats
 
 from ..codecs import CodecError, npy_bytes
 from .dicom import encode_dicom_zip
@@ -19,6 +23,13 @@ from .window import Window
 FORMATS = {"nifti": ("application/x-nifti", ".nii.gz"), "dicom": ("application/zip", ".zip"),
            "tiff": ("image/tiff", ".tif"), "npy": ("application/x-npy", ".npy")}
 FIELDS = ("mean", "std", "samples")
+
+
+@dataclass
+class Samples(PosteriorStats):
+    """Posterior samples with their mean and std (what a result file is written from)."""
+
+    samples: np.ndarray
 
 
 def wanted_format(format_: str | None, accept: str) -> str | None:

@@ -380,3 +380,80 @@ def test_volumes_from_lab_files_come_back_in_their_format_and_geometry(make_clie
     job = _run(client, _identity(observation={"tiff": b64(tiff_stack(pages))}))
     with tifffile.TiffFile(io.BytesIO(client.get(f"/v1/jobs/{job}/result?format=tiff").content)) as tf:
         assert len(tf.pages) == 3
+
+
+# ----------------------------------------------------------------------------- client and CLI
+def _write_series(folder, stored):
+    folder.mkdir()
+    with zipfile.ZipFile(io.BytesIO(dicom_zip(stored, order=[1, 0]))) as zf:
+        for name in zf.namelist():
+            (folder / name).write_bytes(zf.read(name))
+
+
+def test_client_takes_a_path_and_returns_the_result_in_its_format(make_client, tmp_path):
+    from service.client import Client
+
+    app_client = make_client()
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(nifti_bytes(RNG.standard_normal((32, 32, 1)).astype(np.float32)))
+    _write_series(tmp_path / "series", RNG.integers(0, 500, size=(2, 32, 32)).astype(np.int16))
+    c = Client("http://testserver")
+    c.http.close()
+    c.http = app_client  # the client over the in-process app (TestClient is an httpx.Client)
+    out = c.reconstruct("grf-32", {"kind": "identity"}, scan, noise_sigma=0.05, method={"name": "fast", "steps": 4},
+                        out=tmp_path / "recon.nii")
+    back = read_nifti((tmp_path / "recon.nii").read_bytes())
+    assert (tmp_path / "recon.nii").read_bytes()[:2] != b"\x1f\x8b"  # .nii: written uncompressed
+    np.testing.assert_array_equal(back.affine, read_nifti(scan.read_bytes()).affine)
+    np.testing.assert_allclose(back.get_fdata()[:, :, 0].T, out["mean"][0], rtol=1e-6)
+    assert read_nifti(out["file"]).shape == (32, 32, 1)
+    series = c.reconstruct("grf-32", {"kind": "identity"}, tmp_path / "series", noise_sigma=0.05,
+                           method={"name": "fast", "steps": 4})
+    assert len(read_dicom_zip(series["file"])) == 2 and series["mean"].shape == (2, 1, 32, 32)
+    job = c.submit("grf-32", {"kind": "identity"}, scan, noise_sigma=0.05, method={"name": "fast", "steps": 4})
+    wait_status(app_client, job)  # (Client.wait streams events, which the in-process transport cannot)
+    with tifffile.TiffFile(c.save_result(job, tmp_path / "samples.tif", field="samples")) as tf:
+        assert len(tf.pages) == 1
+    with pytest.raises(ValueError):
+        c.save_result(job, tmp_path / "recon.png")
+
+
+def _cli(*args) -> int:
+    from service.cli import main
+    return main(["solve", "--model", "grf-32", "--method", "fast", "--steps", "4", "--noise-sigma", "0.05",
+                 *map(str, args)])
+
+
+def test_cli_solves_a_nifti_into_a_nifti_and_a_dicom_folder_into_a_zip(tmp_path, capsys):
+    (tmp_path / "op.json").write_text('{"kind": "identity"}')
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(nifti_bytes(RNG.standard_normal((32, 32, 1)).astype(np.float32)))
+    assert _cli("--operator", tmp_path / "op.json", "--observation", scan, "--out", tmp_path / "r.nii.gz") == 0
+    assert _cli("--operator", tmp_path / "op.json", "--observation", scan, "--out", tmp_path / "r.npz") == 0
+    recon = read_nifti((tmp_path / "r.nii.gz").read_bytes())
+    np.testing.assert_array_equal(recon.affine, read_nifti(scan.read_bytes()).affine)
+    np.testing.assert_allclose(recon.get_fdata()[:, :, 0].T, np.load(tmp_path / "r.npz")["mean"][0], rtol=1e-6)
+    _write_series(tmp_path / "series", RNG.integers(0, 500, size=(2, 32, 32)).astype(np.int16))
+    assert _cli("--operator", tmp_path / "op.json", "--observation", tmp_path / "series",
+                "--out", tmp_path / "r.zip") == 0
+    assert len(read_dicom_zip((tmp_path / "r.zip").read_bytes())) == 2
+    assert _cli("--operator", tmp_path / "op.json", "--observation", scan, "--out", tmp_path / "r.png") == 2
+    assert "result is written as" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_through_a_server_writes_the_result_in_the_observations_format(tmp_path):
+    from tests.helpers.server import start_server, stop_server
+
+    (tmp_path / "op.json").write_text('{"kind": "identity"}')
+    scan = tmp_path / "scan.nii"
+    scan.write_bytes(nifti_bytes(RNG.standard_normal((32, 32, 2)).astype(np.float32), gz=False))
+    proc, url = start_server()
+    try:
+        assert _cli("--operator", tmp_path / "op.json", "--observation", scan, "--server", url,
+                    "--out", tmp_path / "recon.nii.gz") == 0
+    finally:
+        stop_server(proc)
+    recon, src = read_nifti((tmp_path / "recon.nii.gz").read_bytes()), read_nifti(scan.read_bytes())
+    assert recon.shape == src.shape == (32, 32, 2)
+    np.testing.assert_array_equal(recon.affine, src.affine)
