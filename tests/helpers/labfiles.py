@@ -4,6 +4,7 @@ inflated stream is a few hundred kB compressed: identical deflate segments repea
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import io
 import struct
@@ -134,6 +135,7 @@ def _zero_segments(count: int) -> tuple[bytes, int]:
     return seg * count, ZEROS * count
 
 
+@functools.lru_cache(maxsize=4)
 def gzip_bomb(prefix: bytes, inflated: int = 1 << 30) -> bytes:
     """``prefix`` then zeros, at least ``inflated`` bytes in all, as one gzip member."""
     head = zlib.compressobj(9, zlib.DEFLATED, -15)
