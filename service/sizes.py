@@ -21,6 +21,7 @@ from models.checkpoint import LoadedModel
 from models.tiling import TiledDenoiser, tile_count
 
 from .errors import ApiError
+from .labfiles.peek import lab_shape
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -60,6 +61,9 @@ def observation_shape(value: Any, files: Mapping[str, bytes] | None) -> tuple[in
     try:
         if isinstance(value, list):
             return _list_shape(value)
+        lab = lab_shape(value, files)  # NIfTI, DICOM: from their headers (service/labfiles/peek.py)
+        if lab is not None:
+            return lab
         if isinstance(value, dict) and len(value) == 1:
             key, v = next(iter(value.items()))
             if key == "file":

@@ -468,3 +468,29 @@ def test_cli_through_a_server_writes_the_result_in_the_observations_format(tmp_p
     recon, src = read_nifti((tmp_path / "recon.nii.gz").read_bytes()), read_nifti(scan.read_bytes())
     assert recon.shape == src.shape == (32, 32, 2)
     np.testing.assert_array_equal(recon.affine, src.affine)
+
+
+# ----------------------------------------------------------------------------- any size: the header says it
+def test_admission_reads_a_lab_files_size_from_its_header(client):
+    from service.labfiles.peek import lab_shape
+
+    nifti, zipped = nifti_bytes(np.zeros((48, 40, 2), np.float32)), dicom_zip(np.zeros((3, 24, 20), np.int16))
+    assert lab_shape({"nifti": b64(nifti)}) == (2, 40, 48) and lab_shape({"file": "z"}, {"z": zipped}) == (3, 24, 20)
+    assert lab_shape({"nifti": b64(b"\x1f\x8b garbage")}) is None  # the decoder answers it
+    r = client.post("/v1/jobs", json=body(operator={"kind": "identity"}, observation={"nifti": b64(nifti)}))
+    assert r.status_code == 422 and "40 x 48 image" in r.json()["error"]["message"]  # refused at admission
+
+
+@pytest.mark.slow
+def test_a_nifti_of_another_size_on_a_tiled_prior(make_client):
+    from models.checkpoint import load_models
+    from service.settings import Settings
+
+    phantom = load_models(Settings().checkpoints_dir)["phantom-64"]
+    client = make_client(models={"phantom-64": phantom})
+    nifti = nifti_bytes(RNG.random((96, 80, 1)).astype(np.float32))
+    job = _run(client, _identity(model="phantom-64", observation={"nifti": b64(nifti)}, num_samples=1,
+                                 method={"name": "fast", "steps": 3}))
+    out = read_nifti(client.get(f"/v1/jobs/{job}/result?format=nifti").content)
+    assert out.shape == (96, 80, 1)
+    np.testing.assert_array_equal(out.affine, read_nifti(nifti).affine)
