@@ -18,6 +18,7 @@ from setuptools.command.build_py import build_py
 SHIPPED = [
     ("models/checkpoints", "checkpoints", ("*/card.json", "*/weights.safetensors")),
     ("service/examples", os.path.join("docs", "examples"), ("*-request.json",)),
+    ("service/web", os.path.join("service", "web"), ("*.html", "*.css", "*.js")),  # the page at /
 ]
 
 

@@ -21,7 +21,7 @@ from .job import JobsError
 from .metrics import RequestCounter
 from .worker import JobManager
 from .errors import STATUS_CODES, ApiError, error_body, scrub
-from .routers import catalogue, docs, health, jobs
+from .routers import catalogue, docs, health, jobs, oip, web
 from .settings import Settings
 
 log = logging.getLogger("reconserve.app")
@@ -53,9 +53,10 @@ def create_app(settings: Settings | None = None, models: dict | None = None, mak
                   description="Inverse problems solved with diffusion priors (docs/API.md).")
     app.state.reconserve = state
     add_error_handlers(app)
-    for router in (health.router, catalogue.router, jobs.router, docs.router):
+    for router in (health.router, catalogue.router, jobs.router, oip.router, docs.router, web.router):
         app.include_router(router)
     app.mount(docs.PREFIX, docs.assets(), name="docs-assets")
+    app.mount(web.PREFIX, web.assets(), name="web-assets")
     app.add_middleware(RequestCounter, metrics=state.metrics)
     app.openapi = lambda: openapi(app, state)
     return app
