@@ -184,15 +184,8 @@ def cmd_import(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reconserve", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    m = sub.add_parser("models", help="list the available models")
-    m.add_argument("--models", help="an extra folder of checkpoints")
-    m.set_defaults(func=cmd_models)
-
-    s = sub.add_parser("solve", help="reconstruct from an observation (locally, or with --server)")
+def _add_solve_arguments(s: argparse.ArgumentParser) -> None:
+    """``reconserve solve``'s options."""
     s.add_argument("--model", required=True, help="the model id (see `reconserve models`)")
     s.add_argument("--operator", required=True, help="operator JSON (arrays as lists, {'npy': b64} or file paths)")
     s.add_argument("--observation", required=True,
@@ -219,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default: the server's, RECONSERVE_TORCH_THREADS, 1)")
     s.add_argument("--server", default=None, help="send to a reconserve server at this URL instead")
     s.add_argument("--api-key", default=None, help="with --server: the server's API key (X-API-Key)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reconserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list the available models")
+    m.add_argument("--models", help="an extra folder of checkpoints")
+    m.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("solve", help="reconstruct from an observation (locally, or with --server)")
+    _add_solve_arguments(s)
     s.set_defaults(func=cmd_solve)
 
     v = sub.add_parser("serve", help="start the HTTP server")
