@@ -78,6 +78,7 @@ def test_the_wheel_installed_outside_the_checkout_serves_every_embedded_model(tm
     assert (Path(where["examples"]) / "phantom-request.json").is_file()
     assert Path(where["data_dir"]) == home / ".local" / "share" / "reconserve"  # not in site-packages
     assert not list(site.glob("models/checkpoints/*/resume.safetensors"))  # no optimizer state shipped
+    assert {p.name for p in (site / "service" / "web").iterdir()} >= {"index.html", "app.js", "style.css"}  # the page at /
 
     listed = _run([str(env_dir / "bin" / "reconserve"), "models"], cwd=work, env=env)
     assert sorted(line.split()[0] for line in listed.splitlines() if line.strip()) == sorted(EMBEDDED), listed
