@@ -220,6 +220,27 @@ def decode_dicom_zip(data: bytes, field: str, max_elements: int) -> LabVolume:
 
 
 # ----------------------------------------------------------------------------- out
+def dicom_affine(source: dict) -> np.ndarray:
+    """The NIfTI affine (RAS+, mm) of the series' voxels ``[x, y, z] = [column, row, slice]``:
+    column i moves ``PixelSpacing[1]`` along the row direction ``IOP[:3]``, row j
+    ``PixelSpacing[0]`` along ``IOP[3:]``, slice k from the first slice's position to the last's;
+    DICOM's LPS axes flipped to RAS (x and y negated)."""
+    import pydicom
+
+    first, last = (pydicom.dcmread(io.BytesIO(base64.b64decode(source["headers"][k]))) for k in (0, -1))
+    iop = np.array([float(v) for v in first.ImageOrientationPatient])
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    p0 = np.array([float(v) for v in first.ImagePositionPatient])
+    depth = len(source["headers"])
+    if depth > 1:
+        step = (np.array([float(v) for v in last.ImagePositionPatient]) - p0) / (depth - 1)
+    else:
+        step = np.cross(iop[:3], iop[3:]) * float(first.get("SliceThickness", 1.0) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = iop[:3] * col_spacing, iop[3:] * row_spacing, step, p0
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
 def _rescaled(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
     """``(uint16 stored values, slope, intercept)`` with ``stored * slope + intercept ~ volume``."""
     lo, hi = float(volume.min()), float(volume.max())

@@ -7,7 +7,7 @@ stream going on past them is refused. Voxel values get the header's ``scl_slope`
 ``[D, H, W]``.
 
 Out: the result in the input's header (affine, units, description, extensions), float32,
-unscaled; without a NIfTI input, an identity affine.
+unscaled; from a DICOM series, a header in the series' geometry; otherwise an identity affine.
 """
 from __future__ import annotations
 
@@ -118,10 +118,18 @@ def decode_nifti(data: bytes, field: str, max_elements: int) -> LabVolume:
 
 
 def _output_header(source: dict | None):
-    """The input's header (with its extensions), or a new NIfTI-1 header."""
+    """The input's header (with its extensions); for a DICOM series one in its geometry; else a
+    new NIfTI-1 header (identity affine)."""
     if source is None or source.get("format") != "nifti":
         klass, _ = _classes("Nifti1")
-        return "Nifti1", klass()
+        hdr = klass()
+        if source is not None and source.get("format") == "dicom":
+            from .dicom import dicom_affine
+            affine = dicom_affine(source)
+            hdr.set_sform(affine, code=1)  # scanner coordinates
+            hdr.set_qform(affine, code=1)
+            hdr.set_xyzt_units("mm")
+        return "Nifti1", hdr
     kind = source["kind"]
     klass, _ = _classes(kind)
     return kind, klass.from_fileobj(io.BytesIO(bytes.fromhex(source["header"])), check=False)

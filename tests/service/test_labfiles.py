@@ -494,3 +494,17 @@ def test_a_nifti_of_another_size_on_a_tiled_prior(make_client):
     out = read_nifti(client.get(f"/v1/jobs/{job}/result?format=nifti").content)
     assert out.shape == (96, 80, 1)
     np.testing.assert_array_equal(out.affine, read_nifti(nifti).affine)
+
+
+def test_a_dicom_series_as_nifti_is_in_its_scanner_geometry():
+    stored = _series(depth=4)
+    data = dicom_zip(stored, order=[3, 1, 0, 2])
+    d = decoded({"dicom": b64(data)})
+    nii = read_nifti(encode_nifti(d.array, d.source))
+    src = sorted(read_dicom_zip(data), key=lambda ds: int(ds.InstanceNumber))
+    for k, ds in enumerate(src):
+        lps = np.array([float(v) for v in ds.ImagePositionPatient])
+        np.testing.assert_allclose(nii.affine @ [0, 0, k, 1], [-lps[0], -lps[1], lps[2], 1], atol=1e-4)
+    np.testing.assert_allclose(nii.affine @ [1, 0, 0, 0], [-SPACING[1] * o for o in ORIENTATION[:2]] +
+                               [SPACING[1] * ORIENTATION[2], 0], atol=1e-6)  # one column: along the row direction
+    np.testing.assert_allclose(nii.get_fdata(), d.array.transpose(2, 1, 0), rtol=1e-6)
