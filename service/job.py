@@ -99,6 +99,7 @@ class Job:
         self.created_ts = record.created_ts  # wall clock (s): the order of GET /v1/jobs
         self.error = record.error
         self.worker = record.owner  # the worker replica that holds it (scale-out), else None
+        self.callback = record.callback  # its callback's delivery (service/callbacks.py), else None
         self.result_meta = record.result
         self.result: JobResult | None = None
         self.deadline = time.time() + deadline_s
@@ -152,7 +153,8 @@ class Job:
                     "created_at": self.created_at, "started_at": self.started_at,
                     "finished_at": self.finished_at, "error": dict(self.error) if self.error else None,
                     "model": self.model_id, "method": self.method, "num_samples": self.num_samples,
-                    "batched_with": batched, "worker": self.worker}
+                    "batched_with": batched, "worker": self.worker,
+                    "callback": dict(self.callback) if self.callback else None}
 
 
 # ----------------------------------------------------------------------------- a job's error

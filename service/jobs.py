@@ -16,6 +16,7 @@ import uuid
 from sqlalchemy.exc import IntegrityError
 
 from .admission import Admission, Reservation
+from .callbacks import initial_state, pending
 from .job import Job, JobResult, ResultExpired, now_iso
 from .metrics import ServiceMetrics
 from .problem import Problem
@@ -74,12 +75,15 @@ class JobsBase(Admission):
                caller: str | None = None) -> tuple[Job, bool]:
         """Persist the job (durable when this returns), then queue it. Returns ``(job, new)``;
         ``new`` is False when ``idempotency_key`` already named a job (that job is returned)."""
+        callback = initial_state(request.get("callback"))  # kept in its own column, not with the request
+        request = {k: v for k, v in request.items() if k != "callback"}
         record = JobRecord(
             id=uuid.uuid4().hex, status="queued", model=problem.model_id, method=problem.plan.name,
             num_samples=problem.num_samples, seed=problem.seed, step=0, total=int(problem.plan.config.steps),
             created_at=now_iso(), started_at=None, finished_at=None, created_ts=time.time(), finished_ts=None,
             request=request, error=None, result=None, bytes=0, cost=problem.cost,
-            idempotency_key=idempotency_key, body_digest=body_digest, caller=caller)
+            idempotency_key=idempotency_key, body_digest=body_digest, caller=caller,
+            callback=callback, callback_due=0.0 if callback else None)  # (due once the job ends)
         try:
             self.store.insert(record, arrays)
         except IntegrityError:
@@ -112,6 +116,9 @@ class JobsBase(Admission):
         records = self.store.listing(caller, statuses, limit, after)
         with self._cond:
             live = [self._active.get(r.id) or self._recent.get(r.id) for r in records]
+        for j, r in zip(live, records):
+            if j is not None:
+                j.callback = r.callback  # its delivery goes on in the store
         return [j if j is not None else Job(r) for j, r in zip(live, records)]
 
     def get(self, job_id: str) -> Job | None:
@@ -119,6 +126,9 @@ class JobsBase(Admission):
         with self._cond:
             job = self._active.get(job_id) or self._recent.get(job_id)
         if job is not None:
+            if job.terminal and pending(job.callback):  # its delivery goes on in the store
+                rec = self.store.states([job_id]).get(job_id)
+                job.callback = rec.callback if rec is not None else job.callback
             return job
         if not (isinstance(job_id, str) and len(job_id) == 32 and job_id.isalnum()):
             return None

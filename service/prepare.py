@@ -31,6 +31,7 @@ from operators.spec import OPERATORS, build_pde
 from .api.methods import method_error
 from .api.operators import operator_error
 from .codecs import CodecError
+from .callbacks import check_target
 from .errors import ApiError
 from .labfiles import LAB_RECORD, Decoded, Window, decode_any, lab_record, make_window
 from .problem import Problem, digest
@@ -82,7 +83,7 @@ def validation_message(err: ValidationError) -> str:
                            f"a name among {sorted(METHODS)} (GET /v1/methods)"))
         elif kind == "extra_forbidden":
             msg = ("is not a field of the request; send only model, operator, observation, noise_sigma, "
-                   "pde, method, num_samples, seed, return, completion, coupling, value_window")
+                   "pde, method, num_samples, seed, return, completion, coupling, value_window, callback")
         if "send" not in msg:
             msg += "; send a value as API.md describes"
         parts.append(f"{field}: {msg}")
@@ -218,6 +219,7 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings,
           files: Mapping[str, bytes] | None = None) -> Admission:
     """The cheap checks (no array decoded, no operator built): an ``Admission`` or ``ApiError``."""
     req = _parse(body, request_model)
+    check_target(body.get("callback"), settings.callback_allow_private)  # 422 invalid_callback (service/callbacks.py)
     model = models.get(req.model)
     if model is None:
         raise ApiError(404, "unknown_model", f"model is not a known model id; send one of {sorted(models)} "

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WrapValidator, model_validator
 
+from .callbacks import MAX_URL, parse_callback
+
 MAX_SEED = 2**63 - 1
 ReturnName = Literal["mean", "std", "samples"]
 JobState = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled", "expired"]
@@ -149,6 +151,17 @@ class Progress(BaseModel):
     total: int = 0
 
 
+class CallbackState(BaseModel):
+    """A callback's delivery (``service/callbacks.py``): every attempt is counted here."""
+
+    url: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int = Field(description="POSTs made (or in flight)")
+    last_status: int | None = Field(description="the HTTP status of the last answer; null: none came")
+    delivered_at: str | None
+    error: str | None = Field(description="why the last attempt did not deliver")
+
+
 class JobStatus(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
@@ -158,6 +171,7 @@ class JobStatus(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     error: ErrorDetail | None = None
+    callback: CallbackState | None = Field(None, description="the job's callback, when it names one")
 
 
 class JobList(BaseModel):
@@ -260,6 +274,18 @@ def _method_block(methods: Mapping[str, Any]):
     return WrapValidator(validate)
 
 
+class CallbackSpec(BaseModel):
+    """``{"url": "https://..."}``: the job's final JobStatus is POSTed there when it ends, signed
+    ``X-Reconserve-Signature: sha256=<hex HMAC-SHA256 of the body>`` (docs/API.md "Callbacks")."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=MAX_URL, description="an http or https URL")
+
+
+#: ``callback`` is checked by ``service.callbacks.parse_callback`` (422 ``invalid_callback``).
+CallbackBlock = Annotated[CallbackSpec | None, WrapValidator(lambda v, handler: handler(parse_callback(v)))]
+
+
 class CouplingSpec(BaseModel):
     """``{"kind": "tv_z", "weight": w}``: total variation along z between denoising steps, with
     weight ``w`` in the model's units (``guidance.coupling``); for stacks of slices."""
@@ -317,6 +343,7 @@ def make_request_model(operators: Mapping[str, Any] | Sequence[str],
         value_window: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
             None, min_length=2, max_length=2, description="[lo, hi] in the data's units: mapped linearly to the "
             "card's value_range (noise_sigma in the data's units too), and the results back")
+        callback: CallbackBlock = Field(None, description="POST the final JobStatus to this URL when the job ends")
 
         @model_validator(mode="before")
         @classmethod

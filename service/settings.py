@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -158,6 +158,15 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(1000, ge=1)
     #: An idle keep-alive connection is closed after this many seconds.
     keep_alive_s: float = Field(5.0, gt=0)
+    #: Callbacks (``service/callbacks.py``): the HMAC key of ``X-Reconserve-Signature`` (None: a
+    #: random secret kept in ``<data_dir>/callback_secret``, mode 0600, made at the first start);
+    #: loopback, private and link-local targets allowed; attempts per delivery, the wait after the
+    #: first failed one (doubling after each), and each attempt's connect/send/answer timeout.
+    callback_secret: SecretStr | None = None
+    callback_allow_private: bool = False
+    callback_attempts: int = Field(10, ge=1, le=100)
+    callback_base_delay_s: float = Field(2.0, gt=0)
+    callback_timeout_s: float = Field(5.0, gt=0, le=120)
 
     @field_validator("device")
     @classmethod

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from .codecs import npy_bytes
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -60,6 +60,8 @@ jobs_table = sa.Table(
     sa.Column("owner", sa.String(200)),  # the worker replica holding the job (scale-out), else NULL
     sa.Column("heartbeat_ts", sa.Float),  # wall clock (s) of its owner's last lease renewal
     sa.Column("caller", sa.String(64), index=True),  # who submitted it (a digest of the API key), else NULL
+    sa.Column("callback", sa.Text),  # JSON: its callback's delivery as JobStatus shows it, else NULL
+    sa.Column("callback_due", sa.Float, index=True),  # wall clock (s) of the next delivery attempt, else NULL
 )
 
 version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
@@ -84,6 +86,16 @@ def _add_caller_column(c) -> None:
 
 
 MIGRATIONS[2] = _add_caller_column
+
+
+def _add_callback_columns(c) -> None:
+    """3 -> 4: callbacks (``service/callbacks.py``): the delivery and its next attempt's time."""
+    c.execute(sa.text("ALTER TABLE jobs ADD COLUMN callback TEXT"))
+    c.execute(sa.text("ALTER TABLE jobs ADD COLUMN callback_due FLOAT"))
+    c.execute(sa.text("CREATE INDEX ix_jobs_callback_due ON jobs (callback_due)"))
+
+
+MIGRATIONS[3] = _add_callback_columns
 
 UNFINISHED = ("queued", "running", "cancelling")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -116,11 +128,13 @@ class JobRecord:
     owner: str | None = None
     heartbeat_ts: float | None = None
     caller: str | None = None
+    callback: dict | None = None
+    callback_due: float | None = None
 
     @classmethod
     def from_row(cls, row) -> "JobRecord":
         m = dict(row._mapping)
-        for k in ("request", "error", "result"):  # (a row read without its request: {})
+        for k in ("request", "error", "result", "callback"):  # (a row read without its request: {})
             m[k] = json.loads(m[k]) if m.get(k) else ({} if k == "request" else None)
         return cls(**m)
 
@@ -224,7 +238,8 @@ class JobStore:
         _fsync_dir(self.files)
         record.bytes = self._dir_bytes(record.id)
         values = {k: getattr(record, k) for k in jobs_table.c.keys()}
-        values.update(request=json.dumps(record.request), error=_dumps(record.error), result=_dumps(record.result))
+        values.update(request=json.dumps(record.request), error=_dumps(record.error), result=_dumps(record.result),
+                      callback=_dumps(record.callback))
         try:
             with self.engine.begin() as c:
                 c.execute(jobs_table.insert().values(**values))
@@ -236,7 +251,7 @@ class JobStore:
                **values) -> bool:
         """Change a job's row; with ``owner``, only while that owner holds the job; with
         ``only_from``, only while its status is one of those. Returns whether the row changed."""
-        for k in ("error", "result"):
+        for k in ("error", "result", "callback"):
             if k in values:
                 values[k] = _dumps(values[k])
         where = jobs_table.c.id == job_id
@@ -351,6 +366,24 @@ class JobStore:
         with self.engine.connect() as c:
             return list(c.execute(sa.select(t.id).where((t.status == "queued") & t.owner.is_(None))
                                   .order_by(t.created_ts)).scalars())
+
+    # ------------------------------------------------------------------ callbacks (service/callbacks.py)
+    def due_callbacks(self, now: float, limit: int = 50) -> list[str]:
+        """Ids of finished jobs whose callback's next attempt is due at ``now``, longest due first."""
+        t = jobs_table.c
+        with self.engine.connect() as c:
+            return list(c.execute(sa.select(t.id).where(t.callback_due.is_not(None) & (t.callback_due <= now)
+                                                        & t.status.in_(FINISHED))
+                                  .order_by(t.callback_due).limit(limit)).scalars())
+
+    def claim_callback(self, job_id: str, now: float, hold_s: float) -> JobRecord | None:
+        """Take the due attempt of ``job_id``'s callback (atomic: one claimant wins): its due time
+        moves ``hold_s`` on, so no other process tries meanwhile. -> the job's row, or None."""
+        t = jobs_table.c
+        with self.engine.begin() as c:
+            won = c.execute(jobs_table.update().where((t.id == job_id) & (t.callback_due <= now) & t.status.in_(
+                FINISHED)).values(callback_due=now + hold_s)).rowcount > 0
+        return self.get(job_id) if won else None
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: str) -> JobRecord | None:

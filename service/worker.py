@@ -34,6 +34,7 @@ from guidance.solve import BatchSolution, ItemSolution, solve_batch
 from .job import Job, JobResult, cancelled_error, deadline_error, error_of, now_iso
 from .jobs import JobsBase
 from .admission import Reservation
+from .callbacks import Deliveries
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
 from .stack import job_items, job_outcomes, job_view
@@ -66,6 +67,8 @@ class JobManager(Lifecycle, JobsBase):
         self._thread: threading.Thread | None = None
         self._lease: threading.Thread | None = None
         self._running: list[Job] = []
+        self.deliveries = Deliveries(settings, store, lambda rec: Job(rec).status_dict(), now_iso,
+                                     lambda: self._stop or self._draining)  # callbacks of finished jobs
         self.metrics.queue_depth.set_function(lambda: len(self._queue))
         self.metrics.running.set_function(lambda: len(self._running))
 
@@ -76,6 +79,7 @@ class JobManager(Lifecycle, JobsBase):
         self._stop = self._draining = False
         self._thread = threading.Thread(target=self._loop, name=f"reconserve-worker-{self.device}", daemon=True)
         self._thread.start()
+        self.deliveries.start()
         if self.owner is None:
             self._start_retention()  # (in a cluster the ingress runs retention)
         else:
@@ -89,7 +93,7 @@ class JobManager(Lifecycle, JobsBase):
 
 
     def _threads(self) -> tuple:
-        return self._thread, self._timer, self._lease
+        return self._thread, self._timer, self._lease, self.deliveries.thread
 
     def pause(self) -> None:
         """Stop taking jobs from the queue (the running batch goes on)."""
@@ -175,6 +179,8 @@ class JobManager(Lifecycle, JobsBase):
         self._remember(job)
         job.done.set()
         job.notify()
+        if job.callback:
+            self.deliveries.wake()
         return True
 
 

@@ -261,8 +261,11 @@ def test_claims_leases_and_guarded_writes(db, tmp_path, request):
 
 def test_schema_1_stores_are_upgraded_with_the_claim_columns(tmp_path):
     old = sa.create_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
-    with old.begin() as c:  # a version-1 store: the jobs table without owner, heartbeat_ts and caller
+    with old.begin() as c:  # a version-1 store: the jobs table without owner, heartbeat_ts, caller, callback*
         store_mod.metadata.create_all(c)
+        c.execute(sa.text("DROP INDEX ix_jobs_callback_due"))
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN callback_due"))
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN callback"))
         c.execute(sa.text("ALTER TABLE jobs DROP COLUMN owner"))
         c.execute(sa.text("ALTER TABLE jobs DROP COLUMN heartbeat_ts"))
         c.execute(sa.text("DROP INDEX ix_jobs_caller"))
@@ -270,5 +273,5 @@ def test_schema_1_stores_are_upgraded_with_the_claim_columns(tmp_path):
         c.execute(store_mod.version_table.insert().values(version=1))
     old.dispose()
     s = JobStore(tmp_path)
-    assert s.schema_version() == 3 and s.queued_totals() == (0, 0.0, 0) and s.stale(time.time()) == []
+    assert s.schema_version() == 4 and s.queued_totals() == (0, 0.0, 0) and s.stale(time.time()) == []
     s.close()
