@@ -42,6 +42,12 @@ async def body_slot(request: Request, state):
 
 async def read_body(request: Request, settings) -> Body:
     """The body as parsed JSON (and file parts for multipart), or ``ApiError``."""
+    raw, size = await receive_body(request, settings)
+    return await parse_body(request, raw, size, settings.max_body_bytes)
+
+
+async def receive_body(request: Request, settings) -> tuple[bytes, int]:
+    """The raw body and its size, within ``max_body_bytes`` and ``body_timeout_s`` (413, 408)."""
     limit = settings.max_body_bytes
     too_large = ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes; send "
                          "smaller arrays (npy is the most compact encoding)")
@@ -66,7 +72,11 @@ async def read_body(request: Request, settings) -> Body:
     except asyncio.TimeoutError:
         raise ApiError(408, "body_timeout", f"the body did not arrive within {settings.body_timeout_s:g} s; "
                        "send it at once") from None
-    raw = b"".join(chunks)
+    return b"".join(chunks), size
+
+
+async def parse_body(request: Request, raw: bytes, size: int, limit: int) -> Body:
+    """``raw`` as a ``Body``: JSON, or multipart with a part named ``request`` (422)."""
     ctype = request.headers.get("content-type", "").lower()
     files = None
     if ctype.startswith("multipart/form-data"):

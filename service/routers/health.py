@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
 async def healthz(state: State = Depends(get_state)):
     """Liveness: 200 while the process and its worker thread run (503 `worker_dead` otherwise)."""
-    if not state.jobs.alive and not state.shutting_down:
+    if not is_live(state):
         # the worker thread died: fail liveness so that the orchestrator restarts the process
         # (recovery then resumes every queued and running job)
         return JSONResponse(error_body("worker_dead", "the worker thread is not running; restart the "
@@ -23,28 +23,37 @@ async def healthz(state: State = Depends(get_state)):
     return {"status": "ok"}
 
 
+def is_live(state: State) -> bool:
+    """False once the worker thread has died (``/healthz``, ``/v2/health/live``)."""
+    return state.jobs.alive or state.shutting_down
+
+
 @router.get("/readyz", responses={503: ERROR_RESPONSES[503]})
 async def readyz(state: State = Depends(get_state)):
     """Readiness: 200 once the models are loaded and the previous run's jobs are queued again."""
     if not state.ready:
-        if state.shutting_down:
-            reason = "shutting down"
-        elif state.load_error:
-            reason = state.load_error
-        elif state.models is None:
-            reason = "loading models"
-        elif not state.recovered:
-            reason = "resuming the jobs of the previous run"
-        elif not getattr(state.jobs, "workers_ready", True):
-            reason = "no worker replica has answered yet (starting, or none is running)"
-        else:
-            reason = "worker not running"
-        return JSONResponse(error_body("not_ready", f"not ready: {reason}; retry in a few seconds"), 503,
-                            headers={"Retry-After": "5"})
+        return JSONResponse(error_body("not_ready", not_ready_message(state)), 503, headers={"Retry-After": "5"})
     body = {"status": "ready", "models": sorted(state.models), "device": state.settings.device}
     if state.skipped_models:
         body["skipped_models"] = state.skipped_models  # folders that failed to load, and why
     return body
+
+
+def not_ready_message(state: State) -> str:
+    """Why the service is not ready (``/readyz``, ``/v2/health/ready``)."""
+    if state.shutting_down:
+        reason = "shutting down"
+    elif state.load_error:
+        reason = state.load_error
+    elif state.models is None:
+        reason = "loading models"
+    elif not state.recovered:
+        reason = "resuming the jobs of the previous run"
+    elif not getattr(state.jobs, "workers_ready", True):
+        reason = "no worker replica has answered yet (starting, or none is running)"
+    else:
+        reason = "worker not running"
+    return f"not ready: {reason}; retry in a few seconds"
 
 
 @router.get("/metrics", dependencies=AUTH, response_class=Response, responses={

@@ -78,15 +78,16 @@ def http_error(e: JobsError) -> ApiError:
     return ApiError(REFUSAL_STATUS[e.code], e.code, e.message, headers=headers)
 
 
-async def accept(request: Request, state: State) -> tuple[Job, bool]:
-    """A submitted job: ``(job, new)``; ``new`` is False for a repeated ``Idempotency-Key``."""
+async def accept(request: Request, state: State, read=read_body) -> tuple[Job, bool]:
+    """A submitted job: ``(job, new)``; ``new`` is False for a repeated ``Idempotency-Key``.
+    ``read(request, settings)``: the ``Body`` (another protocol's reader, e.g. ``/v2`` infer)."""
     key = request.headers.get("idempotency-key")
     if key is not None and not KEY_RE.fullmatch(key):
         raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII "
                        "characters without spaces; send e.g. a UUID")
     settings = state.settings
     async with body_slot(request, state):
-        body = await read_body(request, settings)
+        body = await read(request, settings)
         if key is not None:
             seen = await run_in_threadpool(state.jobs.by_key, key)
             if seen is not None:
