@@ -224,3 +224,24 @@ def test_volume_slice_slider(browser, server, tmp_path):
     assert browser.execute_script("return arguments[0].toDataURL()", mean()) != before
     wait(browser, lambda d: "slice 1" in css(d, "#panel-server img").get_attribute("alt"), 30, "result.png?slice=1")
     shoot(browser, "web-page-volume.png", "h-results")
+
+
+def test_demonstration_observation(browser, server):
+    """A held-out phantom observed by the server's super-resolution operator: the page states its
+    shape and submits it; a model without example data says so as the API words it."""
+    open_page(browser, server, "phantom-64")
+    css(browser, "input[name=obs-source][value=demo]").click()
+    choose(browser, "operator-kind", "super_resolution")
+    set_value(css(browser, "#operator-params [name=factor]"), 4)
+    by_id(browser, "demo-make").click()
+    wait(browser, lambda d: "[1, 16, 16]" in by_id(d, "obs-summary").text, 60, "the demonstration")
+    choose(browser, "method-name", "fast")
+    set_value(css(browser, "#method-params [name=steps]"), 5)
+    by_id(browser, "submit").click()
+    wait(browser, lambda d: job_status(d)[1] in ("succeeded", "failed"), 180, "the job")
+    assert job_status(browser)[1] == "succeeded", by_id(browser, "error").text
+    open_page(browser, server, "grf-32")
+    css(browser, "input[name=obs-source][value=demo]").click()
+    by_id(browser, "demo-make").click()
+    wait(browser, lambda d: by_id(d, "error").is_displayed(), 30, "the error")
+    assert by_id(browser, "error").text.startswith("422 no_examples: model grf-32 has no example data")
