@@ -1,8 +1,9 @@
 """Any array of a request, lab files included: which decoder reads it, and what it keeps.
 
 ``{"nifti": b64}``, ``{"dicom": b64 of a zip}`` and ``{"tiff": b64}`` (pages are slices) are
-read here; in multipart requests a ``{"file": part}`` is told apart by content (gzip or a
-NIfTI header: NIfTI; a zip: DICOM; TIFF's magic: TIFF). Everything else is
+read here (``{"dicom": ...}`` may also be one DICOM file); in multipart requests a
+``{"file": part}`` is told apart by content (gzip or a NIfTI header: NIfTI; a zip or a DICOM
+file: DICOM; TIFF's magic: TIFF). Everything else is
 ``service.codecs.decode_array``'s. A lab file gives its slices and its source (format and
 header); a single slice is the 2-D image itself.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from .. import codecs
 from ..codecs import CodecError, decode_array
-from .dicom import decode_dicom_zip
+from .dicom import decode_dicom_zip, is_dicom_file
 from .limits import GZIP_MAGIC, ZIP_MAGIC
 from .nifti import decode_nifti
 from .tiff import decode_tiff_stack
@@ -44,7 +45,7 @@ def sniff(data: bytes) -> str | None:
     """The lab format of a file part by its content, or None (left to ``decode_bytes``)."""
     if data.startswith(GZIP_MAGIC):
         return "nifti"
-    if data.startswith(ZIP_MAGIC):
+    if data.startswith(ZIP_MAGIC) or is_dicom_file(data):
         return "dicom"
     if data.startswith(codecs.TIFF_MAGICS):
         return "tiff"

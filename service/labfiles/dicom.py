@@ -201,9 +201,25 @@ def _header_bytes(header) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def is_dicom_file(data: bytes) -> bool:
+    """A DICOM Part 10 file (its ``DICM`` prefix after the 128-byte preamble)."""
+    return data[128:132] == b"DICM"
+
+
+def series_zip(data: bytes) -> bytes:
+    """A zip of the series: ``data`` itself, or one DICOM file zipped (stored) as a one-slice series."""
+    if not is_dicom_file(data):
+        return data
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("slice.dcm", data)
+    return buf.getvalue()
+
+
 def decode_dicom_zip(data: bytes, field: str, max_elements: int) -> LabVolume:
-    """A zip of one DICOM series -> ``[D, H, W]`` float64 in the data's units, its headers."""
-    zf, members = open_zip(data, field)
+    """A zip of one DICOM series (or one DICOM file) -> ``[D, H, W]`` float64 in the data's
+    units, its headers."""
+    zf, members = open_zip(series_zip(data), field)
     if not members:
         raise _err(field, "the zip holds no files; send a zip of one DICOM series")
     slices, seen = [], 0

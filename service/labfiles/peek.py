@@ -26,7 +26,9 @@ def _nifti(data: bytes) -> tuple[int, ...] | None:
 def _dicom(data: bytes) -> tuple[int, ...] | None:
     import pydicom
 
-    zf, members = open_zip(data, "observation")
+    from .dicom import series_zip
+
+    zf, members = open_zip(series_zip(data), "observation")
     head = member_reader(zf, members[0], "observation")(HEAD)
     ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
     h, w = int(ds.Rows), int(ds.Columns)

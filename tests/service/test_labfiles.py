@@ -326,8 +326,8 @@ def _peak_growth(fn) -> tuple[object, int]:
 
 def _bombs() -> dict:
     """A 1 GB gzip and a 1 GB zip, each behind a valid header (NIfTI; DICOM) and of zeros alone."""
-    header = nifti_bytes(np.ones((16, 16, 4), np.float32), gz=False)
-    slice_ = dicom_slice(np.zeros((8, 8), np.int16), 0, series_uid="1.2.3", study_uid="1.2.4", frame_uid="1.2.5")
+    header = nifti_bytes(np.ones((32, 32, 1), np.float32), gz=False)  # grf-32's size: admitted, then inflated
+    slice_ = dicom_slice(np.zeros((32, 32), np.int16), 0, series_uid="1.2.3", study_uid="1.2.4", frame_uid="1.2.5")
     return {"gzip NIfTI": {"nifti": b64(gzip_bomb(header))}, "gzip of zeros": {"nifti": b64(gzip_bomb(b""))},
             "zip DICOM": {"dicom": b64(zip_bomb(slice_))}, "zip of zeros": {"dicom": b64(zip_bomb(b""))}}
 
@@ -508,3 +508,9 @@ def test_a_dicom_series_as_nifti_is_in_its_scanner_geometry():
     np.testing.assert_allclose(nii.affine @ [1, 0, 0, 0], [-SPACING[1] * o for o in ORIENTATION[:2]] +
                                [SPACING[1] * ORIENTATION[2], 0], atol=1e-6)  # one column: along the row direction
     np.testing.assert_allclose(nii.get_fdata(), d.array.transpose(2, 1, 0), rtol=1e-6)
+
+
+def test_one_dicom_file_is_a_one_slice_series():
+    one = dicom_slice(_series(1)[0], 0, series_uid="1.2.3", study_uid="1.2.4", frame_uid="1.2.5")
+    for d in (decoded({"dicom": b64(one)}), decoded({"file": "f"}, {"f": one})):
+        assert d.source["format"] == "dicom" and d.slices == 1 and d.array.shape == (6, 7)
