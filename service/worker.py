@@ -165,7 +165,7 @@ class JobManager(Lifecycle, JobsBase):
         finished_at = now_iso()
         stored = StoredResult(result.samples, result.observation_view, result.meta()) if result is not None else None
         self._store("finish", job.id, status=status, finished_at=finished_at, error=error, result=stored,
-                    step=job.total if status == "succeeded" else None)
+                    step=job.total if status == "succeeded" else job.step)  # (what status and callbacks show)
         with job.lock:
             job.status, job.error, job.result = status, error, result
             job.result_meta = result.meta() if result is not None else None

@@ -4,6 +4,7 @@ loopback and private targets are refused unless the settings allow them (here th
 explicitly, the receiver being on 127.0.0.1)."""
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -101,7 +102,7 @@ def test_one_signed_post_per_finished_job(make_client, receiver):
     plain = client.post("/v1/jobs", json=body(seed=9)).json()  # no callback: nothing is sent
     finals = {j: callback_done(client, j) for j in (ok["id"], cancelled["id"])}
     assert wait_status(client, plain["id"])["callback"] is None
-    posts = rx.wait_posts(2)
+    rx.wait_posts(2)
     time.sleep(0.5)  # (a duplicate would arrive within the poll interval)
     assert len(rx.posts) == 2
     got = {verify(p)["id"]: p for p in rx.posts}
@@ -120,6 +121,17 @@ def test_one_signed_post_per_finished_job(make_client, receiver):
     assert listed[ok["id"]]["callback"]["state"] == "delivered"
 
 
+def test_a_failed_job_is_posted_too(make_client, receiver):
+    rx = receiver()
+    client = make_client(**FAST, job_deadline_s=0.5)
+    job = client.post("/v1/jobs", json=slow(steps=2000, callback={"url": rx.url})).json()
+    st = callback_done(client, job["id"])
+    assert st["status"] == "failed" and st["error"]["code"] == "deadline_exceeded"
+    sent = verify(rx.wait_posts(1)[0])
+    assert sent["status"] == "failed" and sent == {k: v for k, v in st.items() if k != "callback"}
+    assert st["callback"]["state"] == "delivered" and len(rx.posts) == 1
+
+
 def test_third_try_lands_after_two_500s_with_backoff(make_client, receiver):
     rx = receiver([500, 500])
     client = make_client(**FAST)
@@ -129,7 +141,7 @@ def test_third_try_lands_after_two_500s_with_backoff(make_client, receiver):
     assert len(posts) == 3 and len({p["body"] for p in posts}) == 1  # the same signed bytes each time
     assert [verify(p)["id"] for p in posts] == [job["id"]] * 3
     assert [p["headers"]["X-Reconserve-Attempt"] for p in posts] == ["1", "2", "3"]
-    gaps = [b["at"] - a["at"] for a, b in zip(posts, posts[1:])]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(posts)]
     assert gaps[0] >= 0.2 and gaps[1] >= 0.4, gaps  # base, then twice the base
     assert st["callback"]["state"] == "delivered" and st["callback"]["attempts"] == 3
     assert st["callback"]["last_status"] == 200 and st["callback"]["error"] is None
