@@ -16,6 +16,17 @@ import torch
 from .solve import ItemSolution, misfit_threshold
 
 
+def slice_seed(seed: int, d: int) -> int:
+    """The seed of slice ``d``'s random stream in a volume drawn from ``seed``: ``seed + d``.
+
+    Each slice has a stream of its own, so the slices' sampling errors are independent and the
+    coupling along z averages them out (``bench/volume_ct.py``: +3 dB on 8-angle CT, where one
+    stream shared by every slice leaves errors that agree from slice to slice, which no coupling
+    removes); and slice ``d`` of an uncoupled volume is exactly a lone run with ``seed + d``.
+    """
+    return int(seed) + int(d)
+
+
 def _data_residual(metrics: list[dict], y_norms: list[float]) -> float | None:
     """``||y - A(mean)|| / ||y||`` over the volume: ``sqrt(sum (r_d ||y_d||)^2) / sqrt(sum ||y_d||^2)``."""
     r = [m.get("data_residual") for m in metrics]

@@ -22,7 +22,7 @@ import torch
 from guidance.coupling import Coupling
 from guidance.params import MethodError
 from guidance.solve import SolveItem
-from guidance.volume import merge_slices
+from guidance.volume import merge_slices, slice_seed
 from operators.checks import OperatorSpecError
 from operators.spec import OPERATORS
 
@@ -179,11 +179,11 @@ def refuse_coupling(body: dict) -> None:
 # ---------------------------------------------------------------------------- the worker's side
 def job_items(p: Problem) -> list[SolveItem]:
     """The items a job runs as: itself, or one per slice of its volume (one volume id, the
-    coupling), each slice drawing from the job's seed."""
+    coupling), slice ``d`` drawing from ``guidance.volume.slice_seed(seed, d)``."""
     v = getattr(p, "volume", None)
     if v is None:
         return [solve_item(p)]
-    return [SolveItem(op, p.y[d], p.num_samples, p.seed, volume=id(p), coupling=v.coupling,
+    return [SolveItem(op, p.y[d], p.num_samples, slice_seed(p.seed, d), volume=id(p), coupling=v.coupling,
                       pde_metric=p.pde_metric, completion=p.completion) for d, op in enumerate(v.operators)]
 
 
