@@ -145,7 +145,7 @@ def _shape(spec: dict) -> tuple[int, ...]:
 
 def tensor(spec: dict, tail: bytes, max_elements: int) -> np.ndarray:
     """The input's array, from its ``data`` (JSON, flat or nested) or from the binary tail."""
-    dtype = DATATYPES.get(spec.get("datatype"))
+    dtype = DATATYPES.get(spec.get("datatype")) if isinstance(spec.get("datatype"), str) else None
     if dtype is None:
         raise invalid(f"observation.datatype: send one of {list(DATATYPES)}")
     shape = _shape(spec)

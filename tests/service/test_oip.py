@@ -230,13 +230,16 @@ def test_keys_and_the_queue_answer_in_the_protocols_form(make_client):
               c.post("/v2/models/grf-32/infer", json=infer_body(OBS, **ID))):
         assert r.status_code == 401 and set(r.json()) == {"error"} and "API key" in r.json()["error"]
     assert c.get("/v2/models/grf-32", headers={"X-API-Key": "k"}).status_code == 200
-    full = make_client(queue_size=1)
+    full = make_client(queue_size=1, max_body_bytes=16000)
     full.manager.pause()
     assert full.post("/v1/jobs", json=v1_body("grf-32", OBS, operator={"kind": "identity"})).status_code == 202
-    r = full.post("/v2/models/grf-32/infer", json=infer_body(OBS, operator={"kind": "identity"}))
+    raw, headers = binary_request(OBS, ID, [{"name": "mean"}])  # 4 kB of data: within the body limit
+    r = full.post("/v2/models/grf-32/infer", content=raw, headers=headers)
     v1 = full.post("/v1/reconstruct", json=v1_body("grf-32", OBS, operator={"kind": "identity"}))
     assert r.status_code == v1.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json() == {"error": v1.json()["error"]["message"]}
+    r = full.post("/v2/models/grf-32/infer", json=infer_body(OBS, **ID))  # as JSON text: over 16 kB
+    assert r.status_code == 413 and "over the limit of 16000 bytes" in r.json()["error"]
 
 
 # ----------------------------------------------------------------------------- tritonclient, real server
