@@ -47,6 +47,7 @@ async function chooseModel() {
   chooseOperator();
   chooseMethod();
   if (page.obs) showObservation(page.obs);
+  document.body.dataset.model = card.id; // the forms are this model's
 }
 
 /** The image size a mask is drawn at: the observation's where it is an image, else the card's. */
@@ -74,9 +75,31 @@ function chooseMethod() {
 }
 
 // ------------------------------------------------------------------------------ observation
+/** A PNG as the page shows it: [H, W] (gray) or [3, H, W], in [0, 1] (8 bits, display only). */
+async function decodePng(file) {
+  const bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  const { width: W, height: H } = bitmap;
+  const canvas = el("canvas", { width: W, height: H });
+  const g = canvas.getContext("2d");
+  g.drawImage(bitmap, 0, 0);
+  const rgba = g.getImageData(0, 0, W, H).data;
+  const n = W * H;
+  let gray = true;
+  for (let i = 0; i < n && gray; i++) gray = rgba[4 * i] === rgba[4 * i + 1] && rgba[4 * i] === rgba[4 * i + 2];
+  const C = gray ? 1 : 3, data = new Float64Array(C * n);
+  for (let c = 0; c < C; c++) for (let i = 0; i < n; i++) data[c * n + i] = rgba[4 * i + c] / 255;
+  return { shape: gray ? [H, W] : [3, H, W], dtype: "png", data };
+}
+
 async function readObservationFile(file) {
   const obs = { blob: file, summary: `${file.name}, ${file.size} bytes` };
   const head = new Uint8Array(await file.slice(0, 8).arrayBuffer());
+  if (head[0] === 0x89 && head[1] === 0x50) {
+    try {
+      obs.parsed = await decodePng(file);
+      obs.summary += `: PNG [${obs.parsed.shape.join(", ")}]`;
+    } catch (e) { /* not drawn here; the server says what is wrong with it */ }
+  }
   if (head[0] === 0x93) {
     try {
       obs.parsed = parseNpy(await file.arrayBuffer());

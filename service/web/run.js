@@ -42,15 +42,39 @@ export async function startRun() {
   follow(st.id, job.stream.signal);
 }
 
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Progress from the event stream; where the stream ends before the job (a proxy, a restart of
+ * the server), polling GET /v1/jobs/{id} takes over. */
 async function follow(id, signal) {
+  let final = false;
   try {
     await followEvents(id, (name, data) => {
       if (id !== job.id) return;
       setStatus(data);
-      if (name === "status") finished(data);
+      if (name === "status" && TERMINAL.includes(data.status)) {
+        final = true;
+        finished(data);
+      }
     }, signal);
   } catch (e) {
-    if (e.name !== "AbortError") ctx.guarded(async () => { throw e; });
+    if (e.name === "AbortError") return;
+  }
+  if (!final) await ctx.guarded(() => poll(id, signal));
+}
+
+async function poll(id, signal) {
+  while (!signal.aborted && id === job.id) {
+    let st = null;
+    try {
+      st = await getJson(`/v1/jobs/${id}`);
+    } catch (e) {
+      if (e.status) throw e; // an API error; a network error (the server restarting): try again
+    }
+    if (st) setStatus(st);
+    if (st && TERMINAL.includes(st.status)) return finished(st);
+    await pause(1000);
   }
 }
 
@@ -103,8 +127,11 @@ function redraw() {
   };
   const obs = job.obs && job.obs.parsed;
   const obsStack = obs ? toStack(obs, C) : null;
-  if (obs && !obsStack) notAnImage($("panel-observation"), "observation", obs.shape);
-  else panel("observation", obs ? "observation" : "observation (drawn by the server, below)", obsStack);
+  if (!obs) {
+    $("panel-observation").replaceChildren(el("figcaption", {}, "observation"),
+      el("p", { class: "help" }, "a lab file: drawn by the server in result.png below"));
+  } else if (!obsStack) notAnImage($("panel-observation"), "observation", obs.shape);
+  else panel("observation", "observation", obsStack);
   panel("mean", "posterior mean", job.result.mean && toStack(job.result.mean, C));
   panel("std", "posterior std", job.result.std && toStack(job.result.std, C), { map: STD_MAP });
   panel("sample", `sample ${k}`, job.result.samples && sampleStack(job.result.samples, k));

@@ -85,17 +85,19 @@ def css(driver, selector):
 
 
 def wait(driver, pred, timeout=180.0, what="the page"):
+    """Until ``pred(driver)``; an element replaced by a redraw meanwhile is looked up again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: pred(d), message=f"waiting for {what}")
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+        lambda d: pred(d), message=f"waiting for {what}")
 
 
 def open_page(driver, url, model):
-    from selenium.webdriver.support.ui import Select
     driver.get(url + "/")
     wait(driver, lambda d: len(by_id(d, "model").find_elements("tag name", "option")) > 1, 60, "the models")
-    Select(by_id(driver, "model")).select_by_value(model)
-    wait(driver, lambda d: model in by_id(d, "card").text or True, 10)
-    wait(driver, lambda d: by_id(d, "method-name").find_elements("tag name", "option"), 30, "the methods")
+    choose(driver, "model", model)
+    wait(driver, lambda d: css(d, "body").get_attribute("data-model") == model, 30, f"{model}'s forms")
 
 
 def choose(driver, id_, value):
@@ -216,12 +218,14 @@ def test_volume_slice_slider(browser, server, tmp_path):
     wait(browser, lambda d: job_status(d)[1] in ("succeeded", "failed"), 180, "the job")
     assert job_status(browser)[1] == "succeeded", by_id(browser, "error").text
     wait(browser, lambda d: by_id(d, "slice-field").is_displayed(), 30, "the slice slider")
-    mean = lambda: css(browser, "#panel-mean canvas")  # noqa: E731
-    before = browser.execute_script("return arguments[0].toDataURL()", mean())
-    assert mean().get_attribute("data-slice") == "0"
+    def mean():  # (the slice it shows, its pixels), read at once: a redraw replaces the canvas
+        return tuple(browser.execute_script(
+            "const c = document.querySelector('#panel-mean canvas'); return [c.dataset.slice, c.toDataURL()]"))
+    slice0, before = mean()
+    assert slice0 == "0"
     by_id(browser, "slice").send_keys(Keys.ARROW_RIGHT)
-    wait(browser, lambda d: mean().get_attribute("data-slice") == "1", 10, "slice 1")
-    assert browser.execute_script("return arguments[0].toDataURL()", mean()) != before
+    wait(browser, lambda d: mean()[0] == "1", 10, "slice 1")
+    assert mean()[1] != before
     wait(browser, lambda d: "slice 1" in css(d, "#panel-server img").get_attribute("alt"), 30, "result.png?slice=1")
     shoot(browser, "web-page-volume.png", "h-results")
 
@@ -245,3 +249,31 @@ def test_demonstration_observation(browser, server):
     by_id(browser, "demo-make").click()
     wait(browser, lambda d: by_id(d, "error").is_displayed(), 30, "the error")
     assert by_id(browser, "error").text.startswith("422 no_examples: model grf-32 has no example data")
+
+
+def test_api_key_and_png_upload(browser):
+    """A server that requires a key: the page shows the API's 401 as worded, then works once the
+    key is typed (the catalogue, a job from a PNG upload, its result and picture)."""
+    from selenium.webdriver.common.keys import Keys
+    proc, url = start_server({"RECONSERVE_API_KEYS": "page-test-key"})
+    try:
+        browser.get(url + "/")
+        wait(browser, lambda d: by_id(d, "error").is_displayed(), 60, "the 401")
+        err = httpx.get(f"{url}/v1/models", timeout=30).json()["error"]
+        assert by_id(browser, "error").text == f"401 {err['code']}: {err['message']}"
+        by_id(browser, "api-key").send_keys("page-test-key", Keys.TAB)
+        wait(browser, lambda d: len(by_id(d, "model").find_elements("tag name", "option")) > 1, 60, "the models")
+        assert not by_id(browser, "error").is_displayed()
+        choose(browser, "model", "phantom-64")
+        wait(browser, lambda d: css(d, "body").get_attribute("data-model") == "phantom-64", 30, "phantom-64's forms")
+        assert "Shepp-Logan" in by_id(browser, "card").text
+        upload(browser, ROOT / "docs" / "examples" / "phantom-inpainting-obs.png")
+        assert "PNG [64, 64]" in by_id(browser, "obs-summary").text
+        choose(browser, "method-name", "fast")
+        set_value(css(browser, "#method-params [name=steps]"), 3)
+        by_id(browser, "submit").click()
+        wait(browser, lambda d: job_status(d)[1] in ("succeeded", "failed"), 180, "the job")
+        assert job_status(browser)[1] == "succeeded", by_id(browser, "error").text
+        wait(browser, lambda d: css(d, "#panel-observation canvas") and css(d, "#panel-server img"), 60, "the result")
+    finally:
+        stop_server(proc)
