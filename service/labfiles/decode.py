@@ -83,7 +83,11 @@ def decode_any(value: Any, field: str, *, max_elements: int, files: Mapping[str,
     """An array in any accepted form (API.md "Arrays" and "Lab data")."""
     lab = _lab_file(value, field, files) if isinstance(value, Mapping) else None
     if lab is not None:
-        return _from_volume(DECODERS[lab[0]](lab[1], field, max_elements))
+        vol = DECODERS[lab[0]](lab[1], field, max_elements)
+        if vol.array.size == 0:
+            raise CodecError(f"{field}: the {lab[0]} file holds an empty image (shape {list(vol.array.shape)}); "
+                             "send an image with pixels")
+        return _from_volume(vol)
     array, from_image = decode_array(value, field, max_elements=max_elements, files=files,
                                      scale_integers=scale_integers)
     return Decoded(array, from_image)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import zipfile
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,10 @@ SLACK = 1 << 16
 #: Relative tolerance of even slice spacing (positions are often written with few digits).
 SPACING_RTOL = 0.01
 DEFLATED = "1.2.840.10008.1.2.1.99"
+#: The elements a derived slice gets anew (the image pixel module, rescale, identity, type).
+NEW_PIXEL_MODULE = ("ImageType", "SeriesInstanceUID", "SOPInstanceUID", "SeriesDescription", "DerivationDescription",
+                    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "PixelData")
 
 
 def _err(field: str, message: str) -> CodecError:
@@ -122,6 +127,11 @@ def _read_member(zf, info, field: str, seen: int, max_elements: int) -> tuple[_S
     return _Slice(ds, header, name), pixels
 
 
+def _orthonormal(row: np.ndarray, col: np.ndarray) -> bool:
+    """Two direction cosines of unit length (to 1 %), at right angles (to about 0.6 degrees)."""
+    return abs(np.linalg.norm(row) - 1) < 0.01 and abs(np.linalg.norm(col) - 1) < 0.01 and abs(row @ col) < 0.01
+
+
 def _geometry(ds, name: str, field: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(orientation (6,), position (3,))`` or None when the slice states neither."""
     iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
@@ -131,7 +141,8 @@ def _geometry(ds, name: str, field: str) -> tuple[np.ndarray, np.ndarray] | None
         o, p = np.array([float(v) for v in iop]), np.array([float(v) for v in ipp])
     except (TypeError, ValueError):
         o, p = np.zeros(0), np.zeros(0)
-    if o.shape != (6,) or p.shape != (3,) or not (np.isfinite(o).all() and np.isfinite(p).all()):
+    if o.shape != (6,) or p.shape != (3,) or not (np.isfinite(o).all() and np.isfinite(p).all()) or \
+            not _orthonormal(o[:3], o[3:]):
         raise _err(field, f"the zip member {name} has an invalid ImageOrientationPatient or "
                           "ImagePositionPatient; send the files as the scanner wrote them")
     return o, p
@@ -216,9 +227,41 @@ def series_zip(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+def _affine(slices: list, field: str) -> list | None:
+    """The NIfTI affine (RAS+, mm) of the ordered slices' voxels ``[x, y, z] = [column, row,
+    slice]``: column i moves ``PixelSpacing[1]`` along the row direction ``IOP[:3]``, row j
+    ``PixelSpacing[0]`` along ``IOP[3:]``, slice k from the first slice's position to the last's;
+    DICOM's LPS axes flipped to RAS (x and y negated). None without the geometry."""
+    first = slices[0].ds
+    geo = _geometry(first, slices[0].name, field)
+    if geo is None or first.get("PixelSpacing") is None:
+        return None
+    (iop, p0), (row_spacing, col_spacing) = geo, (float(v) for v in first.PixelSpacing)
+    if not (row_spacing > 0 and col_spacing > 0 and math.isfinite(row_spacing * col_spacing)):
+        raise _err(field, f"the zip member {slices[0].name} has an invalid PixelSpacing; send the files as the "
+                          "scanner wrote them")
+    if len(slices) > 1:
+        step = (_geometry(slices[-1].ds, slices[-1].name, field)[1] - p0) / (len(slices) - 1)
+    else:
+        step = np.cross(iop[:3], iop[3:]) * float(first.get("SliceThickness", 1.0) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = iop[:3] * col_spacing, iop[3:] * row_spacing, step, p0
+    return (np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps).tolist()
+
+
 def decode_dicom_zip(data: bytes, field: str, max_elements: int) -> LabVolume:
     """A zip of one DICOM series (or one DICOM file) -> ``[D, H, W]`` float64 in the data's
-    units, its headers."""
+    units, its headers and its affine."""
+    try:
+        return _decode_series(data, field, max_elements)
+    except CodecError:
+        raise
+    except Exception:  # noqa: BLE001 - pydicom converts values when read: a corrupt one fails wherever that is
+        raise _err(field, "a file of the series holds an invalid value (corrupt); send the files as the scanner "
+                          "wrote them") from None
+
+
+def _decode_series(data: bytes, field: str, max_elements: int) -> LabVolume:
     zf, members = open_zip(series_zip(data), field)
     if not members:
         raise _err(field, "the zip holds no files; send a zip of one DICOM series")
@@ -232,31 +275,11 @@ def decode_dicom_zip(data: bytes, field: str, max_elements: int) -> LabVolume:
     volume = np.stack([_pixels(s.ds, s.name, field) for s in slices])
     if not np.isfinite(volume).all():
         raise _err(field, "the series holds NaN or inf values; send finite values only")
-    return LabVolume(volume, "dicom", {"headers": [_header_bytes(s.header) for s in slices]})
+    return LabVolume(volume, "dicom", {"headers": [_header_bytes(s.header) for s in slices],
+                                       "affine": _affine(slices, field)})
 
 
 # ----------------------------------------------------------------------------- out
-def dicom_affine(source: dict) -> np.ndarray:
-    """The NIfTI affine (RAS+, mm) of the series' voxels ``[x, y, z] = [column, row, slice]``:
-    column i moves ``PixelSpacing[1]`` along the row direction ``IOP[:3]``, row j
-    ``PixelSpacing[0]`` along ``IOP[3:]``, slice k from the first slice's position to the last's;
-    DICOM's LPS axes flipped to RAS (x and y negated)."""
-    import pydicom
-
-    first, last = (pydicom.dcmread(io.BytesIO(base64.b64decode(source["headers"][k]))) for k in (0, -1))
-    iop = np.array([float(v) for v in first.ImageOrientationPatient])
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    p0 = np.array([float(v) for v in first.ImagePositionPatient])
-    depth = len(source["headers"])
-    if depth > 1:
-        step = (np.array([float(v) for v in last.ImagePositionPatient]) - p0) / (depth - 1)
-    else:
-        step = np.cross(iop[:3], iop[3:]) * float(first.get("SliceThickness", 1.0) or 1.0)
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = iop[:3] * col_spacing, iop[3:] * row_spacing, step, p0
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
-
 def _rescaled(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
     """``(uint16 stored values, slope, intercept)`` with ``stored * slope + intercept ~ volume``."""
     lo, hi = float(volume.min()), float(volume.max())
@@ -270,17 +293,18 @@ def _derived(ds, pixels: np.ndarray, slope: float, intercept: float, series_uid:
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     from pydicom.valuerep import DSfloat
 
+    image_type = [str(v) for v in (ds.get("ImageType", []) or [])]
+    description = str(ds.get("SeriesDescription", "") or "")
     for keyword in ("ModalityLUTSequence", "VOILUTSequence", "PixelPaddingValue", "SmallestImagePixelValue",
-                    "LargestImagePixelValue", "PixelPaddingRangeLimit"):
-        if keyword in ds:
+                    "LargestImagePixelValue", "PixelPaddingRangeLimit", *NEW_PIXEL_MODULE):
+        if keyword in ds:  # removed unread (a stale value is never parsed), then written anew
             delattr(ds, keyword)
-    image_type = list(ds.get("ImageType", []) or [])
     ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
     ds.SeriesInstanceUID = series_uid
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SeriesDescription = ("reconserve " + str(ds.get("SeriesDescription", "") or ""))[:64].strip()
+    ds.SeriesDescription = ("reconserve " + description)[:64].strip()
     ds.DerivationDescription = "reconserve: diffusion-prior reconstruction of the source series"
     ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
     ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 16, 15, 0
@@ -304,9 +328,14 @@ def encode_dicom_zip(volume: np.ndarray, source: dict) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for k, header in enumerate(headers):
-            ds = pydicom.dcmread(io.BytesIO(base64.b64decode(header)))
-            _derived(ds, stored[k], slope, intercept, series_uid)
-            out = io.BytesIO()
-            pydicom.dcmwrite(out, ds, enforce_file_format=True)
+            try:
+                ds = pydicom.dcmread(io.BytesIO(base64.b64decode(header)))
+                _derived(ds, stored[k], slope, intercept, series_uid)
+                out = io.BytesIO()
+                pydicom.dcmwrite(out, ds, enforce_file_format=True)
+            except Exception:  # noqa: BLE001 - a value of the source header pydicom cannot write back
+                raise CodecError(f"format: slice {k + 1}'s DICOM header holds a value that cannot be written "
+                                 "back (corrupt); ask for format=nifti, which keeps the series' geometry",
+                                 422, "invalid_request") from None
             zf.writestr(f"{k + 1:04d}.dcm", out.getvalue())
     return buf.getvalue()

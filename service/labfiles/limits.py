@@ -110,7 +110,7 @@ def open_zip(data: bytes, field: str) -> tuple[zipfile.ZipFile, list[zipfile.Zip
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError):
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError, NotImplementedError):
         raise CodecError(f"{field}: not a valid zip archive (corrupt or truncated); send the DICOM series "
                          "as one .zip file, base64") from None
     return zf, [i for i in infos if not i.is_dir() and not _hidden(i.filename)]

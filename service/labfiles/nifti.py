@@ -123,9 +123,8 @@ def _output_header(source: dict | None):
     if source is None or source.get("format") != "nifti":
         klass, _ = _classes("Nifti1")
         hdr = klass()
-        if source is not None and source.get("format") == "dicom":
-            from .dicom import dicom_affine
-            affine = dicom_affine(source)
+        if source is not None and source.get("affine") is not None:  # a DICOM series' geometry
+            affine = np.array(source["affine"])
             hdr.set_sform(affine, code=1)  # scanner coordinates
             hdr.set_qform(affine, code=1)
             hdr.set_xyzt_units("mm")

@@ -514,3 +514,43 @@ def test_one_dicom_file_is_a_one_slice_series():
     one = dicom_slice(_series(1)[0], 0, series_uid="1.2.3", study_uid="1.2.4", frame_uid="1.2.5")
     for d in (decoded({"dicom": b64(one)}), decoded({"file": "f"}, {"f": one})):
         assert d.source["format"] == "dicom" and d.slices == 1 and d.array.shape == (6, 7)
+
+
+@pytest.mark.parametrize("kind", ["nifti.gz", "nifti", "dicom", "tiff"])
+def test_damaged_files_are_refused_as_codec_errors_only(kind):
+    """Cut short or with bytes flipped anywhere, a file decodes or is refused (a 4xx), never
+    raises anything else (which the service would answer 500)."""
+    rng = np.random.default_rng(11)
+    good = {"nifti.gz": lambda: nifti_bytes(rng.random((8, 6, 3)).astype(np.float32)),
+            "nifti": lambda: nifti_bytes(rng.random((8, 6, 3)).astype(np.float32), gz=False),
+            "dicom": lambda: dicom_zip(_series(3)),
+            "tiff": lambda: tiff_stack((rng.random((3, 6, 8)) * 255).astype(np.uint8))}[kind]()
+    key = kind.split(".")[0]
+    damaged = [good[:n] for n in rng.integers(1, len(good), 40)]
+    for _ in range(80):
+        b = bytearray(good)
+        for i in rng.integers(0, len(b), rng.integers(1, 4)):
+            b[i] = int(rng.integers(0, 256))
+        damaged.append(bytes(b))
+    refusals = 0
+    for data in damaged:
+        try:
+            d = decoded({key: b64(data)})
+        except CodecError as e:
+            assert e.status in (413, 422) and "send" in str(e), str(e)
+            refusals += 1
+            continue
+        _results_or_refusals(d)  # what was read is written back, or refused (a 4xx)
+    assert refusals >= 40  # every cut file at least
+
+
+def _results_or_refusals(d) -> None:
+    from service.labfiles.results import Samples, result_file
+
+    samples = Samples(np.stack([d.array if d.slices > 1 else d.array[None]] * 2).astype(np.float32))
+    for fmt in ("nifti", "dicom", "tiff", "npy"):
+        for field in ("mean", "std", "samples"):
+            try:
+                result_file(fmt, field, samples, {"source": d.source, "window": [1.0, 0.0]})
+            except CodecError as e:
+                assert e.status == 422 and "ask for" in str(e), str(e)
