@@ -60,7 +60,7 @@ def montage_png(card: dict, res) -> bytes:
         bars[(0, 2)] = (0.0, top)
     else:
         row.append(tile([_blank(h, w)] * d))
-    labels = [f"observation ({d} slices)", "mean", "std"]
+    labels = [f"observation ({d} slices, row by row)", "mean", "std"]
     return _png(_grid([row], labels, bars))
 
 
