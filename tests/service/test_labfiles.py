@@ -554,3 +554,23 @@ def _results_or_refusals(d) -> None:
                 result_file(fmt, field, samples, {"source": d.source, "window": [1.0, 0.0]})
             except CodecError as e:
                 assert e.status == 422 and "ask for" in str(e), str(e)
+
+
+def test_a_windowed_lab_job_is_rebuilt_the_same_after_a_restart(make_client):
+    """What recovery runs (the stored request and arrays, prepared again) is the problem the
+    job was accepted with: the observation in the card's units, its noise, and the file header."""
+    client = make_client(models=HTTP_MODELS)
+    client.manager.pause()  # the job stays queued
+    hu = -1000.0 + 2000.0 * (RNG.random((32, 32, 3)) * 0.8 + 0.1)
+    r = client.post("/v1/jobs", json=_identity(model="win-32", observation={"nifti": b64(nifti_bytes(hu))},
+                                               noise_sigma=100.0, value_window=[-1000, 1000]))
+    assert r.status_code == 202, r.text
+    state, job_id = client.app.state.reconserve, r.json()["id"]
+    accepted = client.manager.get(job_id).problem
+    record = state.jobs.store.get(job_id)
+    files = state.jobs.store.load_request_files(record)
+    rebuilt = state.rebuild(record, files)
+    np.testing.assert_array_equal(rebuilt.y.numpy(), accepted.y.numpy())
+    assert rebuilt.noise_sigma == accepted.noise_sigma == pytest.approx(0.05)
+    assert float(accepted.y.max()) <= 1.0 and float(accepted.y.min()) >= 0.0  # the card's units
+    assert "observation.lab" in files and record.request["observation"] == {"file": "observation"}
