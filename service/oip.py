@@ -67,7 +67,7 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     n = header_length.strip()
     if not n.isdigit() or int(n) > len(raw):
         raise invalid(f"{HEADER_LENGTH} must be the byte length of the JSON at the start of the body; "
-                      f"send it, or leave the header out for a JSON-only body")
+                      "send it, or leave the header out for a JSON-only body")
     return raw[:int(n)], raw[int(n):]
 
 
