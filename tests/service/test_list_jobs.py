@@ -47,10 +47,13 @@ def test_each_caller_sees_its_own(make_client):
 
 def test_a_version_2_store_gains_the_caller_column(tmp_path):
     store = JobStore(tmp_path)
-    with store.engine.begin() as c:  # make it look like a store written by the previous version
+    with store.engine.begin() as c:  # make it look like a store written by version 2
+        c.execute(sa.text("DROP INDEX ix_jobs_callback_due"))
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN callback_due"))
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN callback"))
         c.execute(sa.text("DROP INDEX ix_jobs_caller"))
         c.execute(sa.text("ALTER TABLE jobs DROP COLUMN caller"))
         c.execute(sa.text("UPDATE schema_version SET version = 2"))
     store.close()
     store = JobStore(tmp_path)
-    assert store.schema_version() == 3 and store.listing(None) == []
+    assert store.schema_version() == 4 and store.listing(None) == []
