@@ -143,12 +143,12 @@ class Refused(Exception):
     """The target resolves to an address this server does not call: the delivery fails."""
 
 
-def resolve(url: httpx.URL, allow_private: bool) -> str:
-    """The address to POST to: the first the host resolves to, each checked unless
-    ``allow_private`` (``Refused``; ``OSError`` when it does not resolve: retried)."""
+def resolve(url: httpx.URL, allow_private: bool) -> list[str]:
+    """The addresses to POST to, in the resolver's order, every one checked unless
+    ``allow_private`` (``Refused``; ``OSError`` when the name does not resolve: retried)."""
     port = url.port or (443 if url.scheme == "https" else 80)
     infos = socket.getaddrinfo(url.host, port, type=socket.SOCK_STREAM)
-    addresses = [info[4][0] for info in infos]
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
         raise OSError(f"{url.host} has no address")
     for a in addresses if not allow_private else ():
@@ -156,7 +156,7 @@ def resolve(url: httpx.URL, allow_private: bool) -> str:
         if reason is not None:
             raise Refused(f"the url's host resolves to a {reason} address, which this server does not call "
                           "(RECONSERVE_CALLBACK_ALLOW_PRIVATE is off)")
-    return addresses[0]
+    return addresses
 
 
 def outcome(status: int | None, error: str | None) -> str:
@@ -203,7 +203,9 @@ class Deliveries:
 
     def _loop(self) -> None:
         timeout = httpx.Timeout(self.settings.callback_timeout_s)
-        with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client:
+        # no proxies from the environment; no kept-alive connections (one per address, whatever the SNI)
+        with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
             while not self.stopping():
                 self._wake.clear()
                 try:
@@ -238,24 +240,32 @@ class Deliveries:
 
     def _post(self, client: httpx.Client, url_text: str, body: bytes, job_id: str,
               attempt: int) -> tuple[int | None, str | None]:
-        """One POST to the checked address -> ``(HTTP status or None, error or None)``."""
+        """One POST, to the first checked address that takes a connection -> ``(HTTP status or
+        None, error or None)``."""
         url = httpx.URL(url_text)
         try:
-            address = resolve(url, self.settings.callback_allow_private)
+            addresses = resolve(url, self.settings.callback_allow_private)
         except OSError as e:
             return None, f"the url's host did not resolve ({e.__class__.__name__})"
         headers = {"Content-Type": "application/json", "Host": url.netloc.decode("ascii"),
                    SIGNATURE_HEADER: signature(self._secret, body), "X-Reconserve-Job": job_id,
                    "X-Reconserve-Attempt": str(attempt), "User-Agent": "reconserve-callbacks"}
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-        try:
-            with client.stream("POST", url.copy_with(host=address), content=body, headers=headers,
-                               extensions=extensions) as r:
-                status = r.status_code
-        except httpx.TimeoutException:
-            return None, f"no answer within {self.settings.callback_timeout_s:g} s"
-        except httpx.HTTPError as e:
-            return None, f"the connection failed ({e.__class__.__name__})"
+        error = None
+        for address in addresses:  # (the name is not looked up again: the address checked is called)
+            try:
+                with client.stream("POST", url.copy_with(host=address), content=body, headers=headers,
+                                   extensions=extensions) as r:
+                    status = r.status_code
+                break
+            except httpx.ConnectError as e:  # (nothing was sent: the next address)
+                error = f"the connection failed ({e.__class__.__name__})"
+            except httpx.TimeoutException:
+                return None, f"no answer within {self.settings.callback_timeout_s:g} s"
+            except httpx.HTTPError as e:
+                return None, f"the connection failed ({e.__class__.__name__})"
+        else:
+            return None, error
         if 200 <= status < 300:
             return status, None
         hint = " (redirects are not followed: send the final URL)" if 300 <= status < 400 else ""

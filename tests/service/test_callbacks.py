@@ -212,6 +212,26 @@ def test_a_name_resolving_to_loopback_is_refused_at_delivery(make_client, receiv
     assert rx.posts == []
 
 
+def test_each_address_of_a_name_is_tried_with_the_name_as_host(make_client, receiver, monkeypatch):
+    """The POST goes to the addresses looked up (nobody listens on 127.0.0.2: the next one), with
+    the URL's host in ``Host``."""
+    rx = receiver()
+    port = rx.server.server_address[1]
+    real = socket.getaddrinfo
+
+    def lookup(host, *a, **k):
+        if host != "hooks.example.com":
+            return real(host, *a, **k)
+        return real("127.0.0.2", *a, **k) + real("127.0.0.1", *a, **k)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    client = make_client(**FAST)
+    job = client.post("/v1/jobs", json=body(callback={"url": f"http://hooks.example.com:{port}/hook"})).json()
+    cb = callback_done(client, job["id"])["callback"]
+    assert cb["state"] == "delivered" and cb["attempts"] == 1
+    post = rx.wait_posts(1)[0]
+    assert post["headers"]["Host"] == f"hooks.example.com:{port}" and verify(post)["id"] == job["id"]
+
+
 def test_secret_is_made_once_per_data_dir_and_never_shown(make_client, receiver, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     rx = receiver()
