@@ -301,18 +301,18 @@ def test_bad_files_over_http_are_4xx_never_5xx(client, observation):
 
 
 # ----------------------------------------------------------------------------- bombs
-def _rss() -> int:
-    with open("/proc/self/status") as f:
+def _rss(pid="self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def _peak_growth(fn) -> tuple[object, int]:
-    """``(fn(), the largest RSS growth seen while it ran)``, sampled every 2 ms."""
-    base, peak, done = _rss(), [0], threading.Event()
+def _peak_growth(fn, pid="self") -> tuple[object, int]:
+    """``(fn(), the largest RSS growth of process ``pid`` seen while it ran)``, sampled every 2 ms."""
+    base, peak, done = _rss(pid), [0], threading.Event()
 
     def watch():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss() - base)
+            peak[0] = max(peak[0], _rss(pid) - base)
             time.sleep(0.002)
     t = threading.Thread(target=watch)
     t.start()
@@ -346,6 +346,25 @@ def test_gzip_and_zip_bombs_of_1gb_are_refused_while_inflating(client, bombs):
         assert grown < 50 * 2**20, (name, grown / 2**20)  # ...never inflated whole (1 GB)
         if name.endswith("NIfTI") or name.endswith("DICOM"):
             assert r.status_code == 413 and "inflates past" in r.json()["error"]["message"], (name, r.text)
+
+
+@pytest.mark.slow
+def test_a_real_servers_memory_stays_flat_under_the_bombs(bombs):
+    import httpx
+
+    from tests.helpers.server import start_server, stop_server
+
+    proc, url = start_server()
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            http.post("/v1/jobs", json=body(operator={"kind": "identity"}, observation={
+                "nifti": b64(nifti_bytes(np.ones((32, 32, 1), np.float32)))}))  # warm: the decoders imported
+            for name, obs in bombs.items():
+                r, grown = _peak_growth(lambda: http.post("/v1/jobs", json=body(operator={"kind": "identity"},
+                                                                                observation=obs)), proc.pid)
+                assert 400 <= r.status_code < 500 and grown < 50 * 2**20, (name, r.status_code, grown / 2**20)
+    finally:
+        stop_server(proc)
 
 
 @pytest.mark.slow
