@@ -139,10 +139,13 @@ class JobManager(Lifecycle, JobsBase):
             job.cancel_requested = True
         if queued:
             self._finish(job, "cancelled", cancelled_error())
-        elif not job.terminal:
-            with job.lock:
+            return job
+        with job.lock:  # the worker may finish the job meanwhile: a final status stays, here and stored
+            running = not job.terminal
+            if running:
                 job.status = "cancelling"
-            self._store("update", job.id, status="cancelling")
+        if running:
+            self._store("update", job.id, status="cancelling", only_from=("queued", "running"))
             job.notify()
         return job
 
