@@ -12,14 +12,14 @@ import numpy as np
 def encode_file(path: Path) -> dict:
     """An array or lab file (or a folder of DICOM files) as the API's encoding of it, so the
     server's decoders (scaling, channel order, geometry, checks) read it exactly as they read any
-    request (``service.client.encode_path``)."""
-    from service.client import encode_path
+    request (``reconserve_client.encode_path``)."""
+    from reconserve_client import encode_path
     return encode_path(path)
 
 
 def _load_array(value, base: Path):
     """Paths to array files inside an operator JSON, relative to it, as their encoding."""
-    from service.client import SUFFIXES
+    from reconserve_client import SUFFIXES
     if isinstance(value, str) and value.lower().endswith(tuple(SUFFIXES)):
         return encode_file((base / value) if not Path(value).is_absolute() else Path(value))
     if isinstance(value, dict):
@@ -56,7 +56,7 @@ def cmd_solve(args) -> int:
     message and exit code 2, never a traceback."""
     from tqdm import tqdm
 
-    from service.client import Client, ServiceError, result_format
+    from reconserve_client import Client, ServiceError, result_format
     from service.errors import ApiError
 
     try:
@@ -93,7 +93,7 @@ def cmd_solve(args) -> int:
         else:
             res, result_file = _solve_locally(body, args, progress)
             if out_format is not None:
-                from service.client import write_result_file
+                from reconserve_client import write_result_file
                 write_result_file(args.out, result_file(out_format))
     except (ApiError, ServiceError) as e:
         print(f"\nerror: {e.code}: {e.message}" if bars else f"error: {e.code}: {e.message}", file=sys.stderr)

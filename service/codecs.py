@@ -12,9 +12,12 @@ import binascii
 import io
 import json
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+# The plain .npy encoding on the wire, shared with the light client (its from_encoded,
+# to_npy_field and walk_arrays are re-exported for the code that imports them from here).
+from reconserve_client.arrays import from_encoded, npy_bytes, to_npy_field, walk_arrays  # noqa: F401
 
 NPY_MAGIC = b"\x93NUMPY"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -336,40 +339,8 @@ def decode_array(value: Any, field: str, *, max_elements: int,
 
 
 # ----------------------------------------------------------------------------- encoding
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def encode_array(arr: np.ndarray, dtype=np.float32) -> dict:
     """``{"npy": base64, "shape": [...], "dtype": "float32"}``."""
     a = np.ascontiguousarray(np.asarray(arr, dtype=dtype))
     return {"npy": base64.b64encode(npy_bytes(a)).decode("ascii"), "shape": list(a.shape),
             "dtype": a.dtype.name}
-
-
-def to_npy_field(arr: np.ndarray) -> dict:
-    """How a client sends an array: ``{"npy": base64}``."""
-    return {"npy": base64.b64encode(npy_bytes(np.asarray(arr))).decode("ascii")}
-
-
-def from_encoded(value: Any) -> np.ndarray | None:
-    """A response array (``{"npy": ...}``) back to numpy (client side; trusted-ish, still no pickle)."""
-    if value is None:
-        return None
-    data = base64.b64decode(value["npy"])
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def walk_arrays(obj: Any, fn: Callable[[Any], Any]) -> Any:
-    """Apply ``fn`` to numpy arrays inside nested dicts/lists (client-side encoding)."""
-    if isinstance(obj, np.ndarray):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: walk_arrays(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [walk_arrays(v, fn) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
