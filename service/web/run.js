@@ -7,6 +7,7 @@ import { $, el, showError } from "./dom.js";
 import { decodeApiArray } from "./npy.js";
 import { STD_MAP, drawPanel, notAnImage, sampleStack, toStack } from "./view.js";
 
+const TERMINAL = ["succeeded", "failed", "cancelled"];
 const FORMATS = { npy: ".npy", tiff: ".tif", nifti: ".nii.gz", dicom: ".zip" };
 const job = { id: null, stream: null, result: null, card: null, obs: null };
 let ctx = null;
@@ -21,6 +22,8 @@ export function wireRun(context) {
 }
 
 function setStatus(st) {
+  const shown = $("job-status").dataset;
+  if (shown.job === st.id && TERMINAL.includes(shown.status)) return; // a late answer never undoes the end
   const p = st.progress || { step: 0, total: 0 };
   $("progress").max = Math.max(p.total, 1);
   $("progress").value = p.step;
@@ -42,7 +45,6 @@ export async function startRun() {
   follow(st.id, job.stream.signal);
 }
 
-const TERMINAL = ["succeeded", "failed", "cancelled"];
 const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Progress from the event stream; where the stream ends before the job (a proxy, a restart of

@@ -154,6 +154,7 @@ def test_reconstruct_with_drawn_mask_progress_and_download(browser, server, down
     choose(browser, "method-name", "dps")
     set_value(css(browser, "#method-params [name=steps]"), 60)
     set_value(by_id(browser, "noise-sigma"), 0.02)
+    shoot(browser, "web-page-forms.png", "h-model")
     by_id(browser, "submit").click()
     seen = set()
     def progressed(d):
