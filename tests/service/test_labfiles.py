@@ -593,3 +593,18 @@ def test_a_windowed_lab_job_is_rebuilt_the_same_after_a_restart(make_client):
     assert rebuilt.noise_sigma == accepted.noise_sigma == pytest.approx(0.05)
     assert float(accepted.y.max()) <= 1.0 and float(accepted.y.min()) >= 0.0  # the card's units
     assert "observation.lab" in files and record.request["observation"] == {"file": "observation"}
+
+
+def test_reconstruct_answers_the_file_it_is_asked_for(client):
+    nifti = nifti_bytes(RNG.standard_normal((32, 32, 1)).astype(np.float32))
+    r = client.post("/v1/reconstruct?format=nifti&field=std", json=_identity(observation={"nifti": b64(nifti)}))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-nifti"
+    assert r.headers["content-disposition"].endswith('-std.nii.gz"')
+    out = read_nifti(r.content)
+    np.testing.assert_array_equal(out.affine, read_nifti(nifti).affine)
+    assert (out.get_fdata() > 0).all()  # a standard deviation
+    r = client.post("/v1/reconstruct", json=_identity(observation={"nifti": b64(nifti)}), headers={"Accept": "image/tiff"})
+    assert r.headers["content-type"] == "image/tiff"
+    r = client.post("/v1/reconstruct?format=nifti&field=std", json=_identity(observation={"nifti": b64(nifti)},
+                                                                              num_samples=1))
+    assert r.status_code == 422 and "num_samples" in r.json()["error"]["message"]
