@@ -23,9 +23,10 @@ EMBEDDED = ["grf-32", "phantom-64", "darcy-64", "phantom-flow-64", "poisson-64",
 
 #: what the installed code reports about itself (one JSON line)
 PROBE = """
-import json, service, models.checkpoint as c, service.settings as s
+import json, service, service.client, reconserve_client, models.checkpoint as c, service.settings as s
 print(json.dumps({"service": service.__file__, "checkpoints": str(c.default_checkpoint_dir()),
-                  "examples": str(s.examples_dir()), "data_dir": str(s.Settings(device="cpu").data_dir)}))
+                  "examples": str(s.examples_dir()), "data_dir": str(s.Settings(device="cpu").data_dir),
+                  "client": reconserve_client.__file__, "one_client": service.client.Client is reconserve_client.Client}))
 """
 
 
@@ -74,6 +75,7 @@ def test_the_wheel_installed_outside_the_checkout_serves_every_embedded_model(tm
 
     where = json.loads(_run([str(env_dir / "bin" / "python"), "-c", PROBE], cwd=work, env=env))
     assert Path(where["service"]).is_relative_to(site), where  # the wheel's code, not the checkout's
+    assert Path(where["client"]).is_relative_to(site) and where["one_client"], where  # the light client shipped too
     assert Path(where["checkpoints"]) == site / "models" / "checkpoints"
     assert (Path(where["examples"]) / "phantom-request.json").is_file()
     assert Path(where["data_dir"]) == home / ".local" / "share" / "reconserve"  # not in site-packages
