@@ -57,6 +57,7 @@ def cmd_solve(args) -> int:
     from tqdm import tqdm
 
     from reconserve_client import Client, ServiceError, result_format
+    from service.codecs import CodecError
     from service.errors import ApiError
 
     try:
@@ -95,8 +96,9 @@ def cmd_solve(args) -> int:
             if out_format is not None:
                 from reconserve_client import write_result_file
                 write_result_file(args.out, result_file(out_format))
-    except (ApiError, ServiceError) as e:
-        print(f"\nerror: {e.code}: {e.message}" if bars else f"error: {e.code}: {e.message}", file=sys.stderr)
+    except (ApiError, ServiceError, CodecError) as e:  # (CodecError: a result the --out format cannot hold)
+        message = getattr(e, "message", str(e))
+        print(f"\nerror: {e.code}: {message}" if bars else f"error: {e.code}: {message}", file=sys.stderr)
         return 2
     finally:
         for bar in bars:

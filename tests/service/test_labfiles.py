@@ -469,6 +469,9 @@ def test_cli_solves_a_nifti_into_a_nifti_and_a_dicom_folder_into_a_zip(tmp_path,
     assert len(read_dicom_zip((tmp_path / "r.zip").read_bytes())) == 2
     assert _cli("--operator", tmp_path / "op.json", "--observation", scan, "--out", tmp_path / "r.png") == 2
     assert "result is written as" in capsys.readouterr().err
+    assert _cli("--operator", tmp_path / "op.json", "--observation", scan, "--out", tmp_path / "r2.zip") == 2
+    err = capsys.readouterr().err
+    assert "dicom needs a DICOM observation" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
