@@ -225,8 +225,10 @@ def admit(body: Any, request_model, models: Mapping[str, Any], settings,
         raise ApiError(404, "unknown_model", f"model is not a known model id; send one of {sorted(models)} "
                        "(GET /v1/models)")
     card = model.card
-    shape = request_shape(card, OPERATORS[req.operator.kind_name()], req.operator,
-                          observation_shape(body["observation"], files))
+    obs = observation_shape(body["observation"], files)
+    if obs is not None and math.prod(obs) > settings.max_array_elements:
+        obs = None  # the decoder answers it (413) with the limits
+    shape = request_shape(card, OPERATORS[req.operator.kind_name()], req.operator, obs)
     if req.num_samples > settings.max_samples:
         raise ApiError(422, "invalid_request", f"num_samples: {req.num_samples} is over the limit of "
                        f"{settings.max_samples}; send at most {settings.max_samples}")

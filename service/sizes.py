@@ -101,9 +101,10 @@ def request_shape(card: dict, cls, spec, obs: tuple[int, ...] | None) -> tuple[i
         return native
     why = _takes(card, tuple(size))
     if why is not None:
+        shape = "[" + ",".join(map(str, native)) + "]"
         raise ApiError(422, "shape_mismatch", f"observation: shape {list(obs)} under operator {cls.kind} means a "
-                       f"{size[0]} x {size[1]} image, and {why}; send an observation of a size the model takes "
-                       "(GET /v1/models/{id}: shape, sizes)")
+                       f"{size[0]} x {size[1]} image, and {why} (its shape is {shape}); send an observation of a "
+                       "size the model takes (GET /v1/models/{id}: shape, sizes)")
     return (native[0], int(size[0]), int(size[1]))
 
 
