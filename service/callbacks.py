@@ -244,6 +244,9 @@ class Deliveries:
             verdict = outcome(status, error)
         except Refused as e:
             status, error, verdict = None, str(e), "failed"
+        except Exception as e:  # noqa: BLE001 - unforeseen: counted as a failed attempt, never stuck
+            log.exception("job %s: callback attempt failed unexpectedly", job_id)
+            status, error, verdict = None, f"the attempt failed ({e.__class__.__name__})", "retry"
         self._record(job_id, state, status, error, verdict)
 
     def _post(self, client: httpx.Client, url_text: str, body: bytes, job_id: str,
