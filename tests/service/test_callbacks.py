@@ -19,7 +19,6 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service import store as store_mod
 from service.callbacks import SECRET_FILE
 from service.store import JobStore
 from tests.helpers.polling import wait_until
@@ -251,14 +250,12 @@ def test_secret_is_made_once_per_data_dir_and_never_shown(make_client, receiver,
 
 
 def test_schema_3_stores_are_upgraded_with_the_callback_columns(tmp_path):
-    old = sa.create_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
-    with old.begin() as c:  # a version-3 store: the jobs table without callback and callback_due
-        store_mod.metadata.create_all(c)
-        c.execute(sa.text("DROP INDEX ix_jobs_callback_due"))
-        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN callback_due"))
-        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN callback"))
-        c.execute(store_mod.version_table.insert().values(version=3))
-    old.dispose()
+    s = JobStore(tmp_path)
+    with s.engine.begin() as c:  # make it look like a store written by version 3
+        for statement in ("DROP INDEX ix_jobs_callback_due", "ALTER TABLE jobs DROP COLUMN callback_due",
+                          "ALTER TABLE jobs DROP COLUMN callback", "UPDATE schema_version SET version = 3"):
+            c.execute(sa.text(statement))
+    s.close()
     s = JobStore(tmp_path)
     assert s.schema_version() == 4 and s.due_callbacks(time.time()) == []
     s.close()
