@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
