@@ -1,7 +1,8 @@
 """The web page at ``/`` in a real browser: Debian's headless Chromium driven by Selenium against a
 real ``reconserve serve`` process. Without chromium / chromedriver / selenium the tests skip with
 the reason, or fail where ``RECONSERVE_REQUIRE_BROWSER=1`` (``.ci/run`` sets it after installing
-them). Screenshots go to ``docs/screenshots/`` (``docs/guide.md`` shows them)."""
+them). Screenshots go to ``docs/screenshots/`` (``docs/guide.md`` shows them) with
+``RECONSERVE_SCREENSHOTS=1``: ``RECONSERVE_SCREENSHOTS=1 make test`` refreshes them."""
 import base64
 import io
 import os
@@ -18,7 +19,10 @@ from tests.helpers.server import ROOT, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
-SHOTS = ROOT / "docs" / "screenshots"
+#: Where the screenshots go: ``docs/screenshots/`` (what the docs show) with
+#: ``RECONSERVE_SCREENSHOTS=1``; a scratch folder otherwise, so a test run leaves the checkout clean.
+SHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("RECONSERVE_SCREENSHOTS") == "1"
+         else Path(tempfile.gettempdir()) / "reconserve-screenshots")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
