@@ -33,7 +33,8 @@ def reference_prox(v: np.ndarray, w: float) -> np.ndarray:
 
 def test_adjoint_of_the_difference():
     g = torch.Generator().manual_seed(0)
-    u, p = torch.randn(7, 3, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
+    u = torch.randn(7, 3, 4, generator=g, dtype=torch.float64)
+    p = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
     assert torch.allclose((diff_z(u) * p).sum(), (u * diff_z_adjoint(p)).sum())
 
 

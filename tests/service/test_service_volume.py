@@ -119,7 +119,8 @@ def test_refusals(make_client):
     client = make_client(max_job_cost=3.5 * per_slice)  # 3 slices fit, 4 do not
     body = req(VOLUME * MASKS[0], method={"name": "fast", "steps": 8})
     assert_error(client.post("/v1/jobs", json=body), 422, "too_costly", "4 slices")
-    assert client.post("/v1/jobs", json=req(VOLUME[:3] * MASKS[0], method={"name": "fast", "steps": 8})).status_code == 202
+    three = req(VOLUME[:3] * MASKS[0], method={"name": "fast", "steps": 8})
+    assert client.post("/v1/jobs", json=three).status_code == 202
     client = make_client()
     assert_error(client.post("/v1/jobs", json=req(VOLUME[0], coupling={"kind": "tv_z", "weight": 1})),
                  422, "invalid_request", "coupling")
