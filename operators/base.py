@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # the spec models (pydantic): PDE residuals need none
 
 
 def grid_size(obs_shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """``(H, W)`` of an observation on the image grid, ``[C, H, W]`` or ``[H, W]``."""
-    return tuple(int(v) for v in obs_shape[-2:]) if len(obs_shape) in (2, 3) else None
+    """``(H, W)`` of an observation on the image grid, ``[C, H, W]`` or ``[H, W]`` (or a stack of
+    them, ``[D, C, H, W]``)."""
+    return tuple(int(v) for v in obs_shape[-2:]) if len(obs_shape) in (2, 3, 4) else None
 
 
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -108,10 +108,11 @@ class CT(LinearOperator):
     def image_size(cls, spec, obs_shape):
         """``N x N`` from the detector count when it is the native one, ``ceil(sqrt(2) N)``
         (increasing in ``N``, so one ``N`` gives it); a set ``detectors`` does not say."""
-        if spec.detectors is not None or len(obs_shape) != 3:
+        if spec.detectors is not None or len(obs_shape) not in (3, 4):  # [C, A, G] or a stack [D, C, A, G]
             return None
-        n = math.floor(int(obs_shape[2]) / math.sqrt(2))
-        n = next((m for m in (n - 1, n, n + 1) if m >= 2 and native_detectors(m) == int(obs_shape[2])), None)
+        g = int(obs_shape[-1])
+        n = math.floor(g / math.sqrt(2))
+        n = next((m for m in (n - 1, n, n + 1) if m >= 2 and native_detectors(m) == g), None)
         return None if n is None else (n, n)
 
     @classmethod

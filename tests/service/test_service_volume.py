@@ -132,3 +132,16 @@ def test_refusals(make_client):
     assert_error(client.post("/v1/jobs", json=req(VOLUME, mask=MASKS[:3])), 422, "invalid_operator")
     ald = req(VOLUME * MASKS[:, None], mask=MASKS, method={"name": "ald", "steps": 4})
     assert_error(client.post("/v1/jobs", json=ald), 422, "invalid_method", "shared")
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 128, 128), (2, 128, 128)])
+def test_a_stack_of_another_size(make_client, shape):
+    """Stacks compose with any size (phantom-64 takes images of 64 x 64 and more)."""
+    from models.checkpoint import default_checkpoint_dir, load_checkpoint
+    client = make_client(models={"phantom-64": load_checkpoint(default_checkpoint_dir() / "phantom-64")})
+    y = np.full(shape, 0.4)
+    body = {"model": "phantom-64", "operator": {"kind": "identity"}, "observation": {"npy": npy_b64(y)},
+            "noise_sigma": 0.1, "method": {"name": "fast", "steps": 2, "cg_iters": 0}}
+    res = run(client, body)
+    assert res["mean"]["shape"] == [2, 1, 128, 128]
+    assert np.isfinite(decode(res["mean"])).all()
