@@ -16,6 +16,10 @@ seed 0; ``models.data`` draws every example from ``numpy.random.default_rng(seed
   ``u`` the exact discrete solution of ``-div(a grad u) = 1`` (``u`` of order 1e-2);
 * ``darcy-forward-request.json``: the forward problem: ``a`` at the same 500 nodes, the card's
   default method, 4 samples; ``u`` comes back solved from each sample's ``a`` (``completion``).
+* ``phantom-volume.nii``: a noisy volume of 8 slices of 64 x 64 in Hounsfield-like units (a 3-D
+  phantom of ellipsoids, ``-1000 + 2000 x`` for ``x`` in [0, 1], noise 100), a NIfTI-1 file with
+  0.8 mm pixels and 2 mm slices; ``phantom-volume-truth.npy``: the clean volume ``[8, 64, 64]``
+  in the same units (README "Your lab's data");
 * ``darcy-inverse-request.json``: a ``POST /v1/reconstruct`` body for the inverse problem: ``u``
   observed at 500 random nodes (``sparse_points``, points and values as plain JSON lists),
   the card's default method (``dps``, 200 steps), ``completion: "solve"`` (``u`` solved from the
@@ -57,6 +61,34 @@ def dump_request(path: Path, body: dict) -> None:
     path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
+#: The volume example: slices, Hounsfield-like units of x = 0 and 1, noise (in those units).
+VOLUME_DEPTH, HU, HU_NOISE = 8, (-1000.0, 1000.0), 100.0
+
+
+def ellipsoid_volume(d: int, n: int) -> np.ndarray:
+    """``[d, n, n]`` in [0, 1]: a head-like ellipsoid with two inner ellipsoids, smooth along z."""
+    z, y, x = np.meshgrid(np.linspace(-1, 1, d), np.linspace(-1, 1, n), np.linspace(-1, 1, n), indexing="ij")
+    vol = np.zeros((d, n, n))
+    for (cz, cy, cx), (rz, ry, rx), value in (((0, 0, 0), (1.6, 0.85, 0.7), 0.5),
+                                               ((0.3, -0.2, -0.25), (0.9, 0.25, 0.18), 0.4),
+                                               ((-0.2, 0.3, 0.2), (1.2, 0.2, 0.3), 0.3)):
+        vol += value * (((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1)
+    return np.clip(vol, 0, 1)
+
+
+def write_volume() -> None:
+    import nibabel as nib
+
+    lo, hi = HU
+    truth = (lo + (hi - lo) * ellipsoid_volume(VOLUME_DEPTH, N)).astype(np.float32)  # [D, H, W]
+    noisy = truth + HU_NOISE * np.random.default_rng(SEED + 3).standard_normal(truth.shape).astype(np.float32)
+    np.save(HERE / "phantom-volume-truth.npy", truth)
+    # NIfTI axes x, y, z are W, H, D: data[x, y, z] = volume[z, y, x]
+    img = nib.Nifti1Image(noisy.transpose(2, 1, 0), np.diag([0.8, 0.8, 2.0, 1.0]))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, HERE / "phantom-volume.nii")
+
+
 def main() -> int:
     from PIL import Image
 
@@ -81,6 +113,8 @@ def main() -> int:
         json.dumps({"kind": "inpainting", "mask": "phantom-mask.npy"}) + "\n")
     obs = np.round(x[0] * mask * 255).astype(np.uint8)
     Image.fromarray(obs, mode="L").save(HERE / "phantom-inpainting-obs.png")
+
+    write_volume()
 
     # ---- darcy-64
     pair = darcy_pairs(1, N, SEED, dtype=np.float64)[0]  # [2, 64, 64]: a, u
