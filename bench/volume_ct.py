@@ -24,6 +24,7 @@ import math
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,16 +122,34 @@ def quality(model, d: int, angles: int, weight: float, params: dict, chunk: int)
     return row
 
 
+def rss_mib() -> float:
+    """This process's resident memory now (``/proc/self/statm``), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def memory_child(d: int, chunk: int, steps: int, weight: float) -> dict:
-    """One coupled run of ``d`` slices in this process: peak resident memory (MiB) and the
-    resident memory before sampling (model loaded, data made)."""
+    """One coupled run of ``d`` slices in this process: the resident memory just before sampling
+    (model loaded, data made) and its peak while sampling (read every 5 ms by a thread; the
+    process's lifetime peak, ``ru_maxrss``, is set while loading and says nothing here)."""
     model = load_model(MODEL)
     op, y = observe(phantom_volume(d), 8)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    _, sec = reconstruct(model, op, y, Coupling(weight=weight), dict(METHOD, steps=steps), chunk)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"slices": d, "chunk": chunk, "rss_before_mib": round(before, 1), "peak_rss_mib": round(peak, 1),
-            "growth_mib": round(peak - before, 1), "seconds": round(sec, 1)}
+    before, peak, running = rss_mib(), [0.0], [True]
+
+    def watch():
+        while running[0]:
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        _, sec = reconstruct(model, op, y, Coupling(weight=weight), dict(METHOD, steps=steps), chunk)
+    finally:
+        running[0] = False
+        thread.join()
+    return {"slices": d, "chunk": chunk, "rss_before_mib": round(before, 1), "peak_rss_mib": round(peak[0], 1),
+            "growth_mib": round(peak[0] - before, 1), "seconds": round(sec, 1)}
 
 
 def memory(sizes, chunk: int, steps: int, weight: float) -> list[dict]:
@@ -156,11 +175,18 @@ def main(argv=None) -> None:
     p.add_argument("--mem-steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="4 slices, 2 steps, no memory runs, nothing written")
+    p.add_argument("--memory-only", action="store_true", help="rerun the memory runs into the existing results")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child is not None:
         print(json.dumps(memory_child(args.memory_child, args.chunk, args.mem_steps, args.weight)))
+        return
+    if args.memory_only:  # the memory runs again, into the existing results
+        result = json.loads(OUT.read_text())
+        result["memory"] = memory([int(v) for v in args.mem_sizes.split(",")], args.chunk, args.mem_steps,
+                                  args.weight)
+        atomic_write_json(OUT, result)
         return
     if args.smoke:
         args.slices, args.steps = 4, 2
