@@ -128,7 +128,9 @@ def test_refusals(make_client):
                  422, "invalid_request")
     assert_error(client.post("/v1/jobs", json=req(VOLUME, coupling={"kind": "tv_z", "weight": -1})),
                  422, "invalid_request")
-    assert_error(client.post("/v1/jobs", json=req(VOLUME[:, :, :16])), 422, "shape_mismatch", "per slice")
+    assert_error(client.post("/v1/jobs", json=req(VOLUME[:, :, :16])), 422, "shape_mismatch", "32 x 32")
+    two_channels = np.concatenate([VOLUME, VOLUME], axis=1)  # [D, 2, 32, 32] for a one-channel model
+    assert_error(client.post("/v1/jobs", json=req(two_channels)), 422, "shape_mismatch", "per slice")
     assert_error(client.post("/v1/jobs", json=req(VOLUME, mask=MASKS[:3])), 422, "invalid_operator")
     ald = req(VOLUME * MASKS[:, None], mask=MASKS, method={"name": "ald", "steps": 4})
     assert_error(client.post("/v1/jobs", json=ald), 422, "invalid_method", "shared")
