@@ -46,8 +46,10 @@ def method_model(method: Method) -> type[BaseModel]:
         if f.name == "steps":
             typ = typing.Optional[typ]
         default = list(f.default) if isinstance(f.default, tuple) else f.default
+        d = declared(f)
+        unit = f"; unit: {d.unit}" if d.unit else ""
         fields[f.name] = (typ, Field(default_factory=lambda d=default: d, description=(
-            f"{declared(f).doc}; default {default!r} (or the model card's tuned value)")))
+            f"{d.doc}{unit}; default {default!r} (or the model card's tuned value: GET /v1/methods?model=)")))
     title = "".join(p.capitalize() for p in method.name.split("_")) + "Method"
     return create_model(title, __config__=ConfigDict(extra="forbid"),
                         __doc__=f"{method.summary} ({method.paper})", **fields)
