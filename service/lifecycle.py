@@ -35,7 +35,9 @@ class Lifecycle:
             self._give_back(job)
         for job in jobs:
             job.notify()
-
+        deliveries = getattr(self, "deliveries", None)
+        if deliveries is not None:  # its thread sees the shutdown now, not at its next poll
+            deliveries.wake()
 
     def recover(self, rebuild: Callable[[JobRecord, dict], Problem]) -> int:
         """Queue again every job a previous process accepted and did not finish (oldest first),
