@@ -236,6 +236,14 @@ def environment(threads: int, loadavg: bool = False) -> dict:
     return env
 
 
+def repo_path(path) -> str | None:
+    """``path`` relative to the repository when inside it: what a results file records."""
+    if not path:
+        return None
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def atomic_write_json(path: Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

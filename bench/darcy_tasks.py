@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (HELD_OUT_SEED, OBS_SEED, TUNE_SEED, PdeTasks, check_held_out,  # noqa: E402
+from bench.common import (repo_path, HELD_OUT_SEED, OBS_SEED, TUNE_SEED, PdeTasks, check_held_out,  # noqa: E402
                           environment, fmt, held_out_darcy, pde_tasks_on, model_info, previous_tuning,
                           run_pde_tasks, run_task_method, task_bench_main, task_bench_parser, tune_pde_tasks,
                           update_card, validation_summary)
@@ -197,7 +197,7 @@ def main_run(args, model) -> None:
     info = model_info(model)
     header = {"benchmark": "bench/darcy_tasks.py", "model": info, "cases": args.cases,
               "held_out_seed": HELD_OUT_SEED, "observed_nodes": N_OBS, "noise_sigma": args.noise,
-              "tuned_from": args.tuned, "environment": environment(torch.get_num_threads()),
+              "tuned_from": repo_path(args.tuned), "environment": environment(torch.get_num_threads()),
               "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "completion": args.completion,
               "metrics_note": ("a_err: error rate of a thresholded at 7.5; u_rel: relative L2 of u as returned "

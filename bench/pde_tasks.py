@@ -74,7 +74,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (CHECKPOINTS, HELD_OUT_SEED, RESULTS, TUNE_SEED, PdeTasks,  # noqa: E402
+from bench.common import (repo_path, CHECKPOINTS, HELD_OUT_SEED, RESULTS, TUNE_SEED, PdeTasks,  # noqa: E402
                           check_held_out, environment, fmt, held_out_pde, pde_tasks_on, model_info,
                           previous_tuning, run_pde_tasks, run_task_method, set_threads, task_bench_parser,
                           tune_pde_tasks, update_card, validation_summary)
@@ -237,7 +237,7 @@ def main_run(args, model, folder: Path) -> dict:
     info = model_info(model, folder)
     header = {"benchmark": "bench/pde_tasks.py", "model": info, "pde": model.card["pde"], "cases": args.cases,
               "held_out_seed": HELD_OUT_SEED, "observed_nodes": N_OBS, "noise_sigma": args.noise,
-              "tuned_from": args.tuned, "environment": environment(torch.get_num_threads()),
+              "tuned_from": repo_path(args.tuned), "environment": environment(torch.get_num_threads()),
               "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "completion": args.completion, "smoke": bool(args.smoke),
               "metrics_note": ("u_rel, a_rel: relative L2 over all nodes of u and a as returned (after physics "

@@ -79,7 +79,7 @@ if str(ROOT) not in sys.path:
 
 import deepinv as dinv  # noqa: E402
 
-from bench.common import (HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED, atomic_write_json, environment,  # noqa: E402
+from bench.common import (repo_path, HELD_OUT_SEED, OBS_SEED, RESULTS, TUNE_SEED, atomic_write_json, environment,  # noqa: E402
                           held_out_phantoms, run_samples, set_threads)
 from bench.phantom_tasks import NOISE, SHAPE, TASKS, classical_baseline, observe, psnrs, task_spec  # noqa: E402
 from models.checkpoint import LoadedModel, load_checkpoint  # noqa: E402
@@ -483,7 +483,7 @@ def main_run(args, model, info: dict) -> dict:
     fast = fast_tuned()
     x_true = held_out_phantoms(args.cases)
     out = {"benchmark": "bench/peers.py", "model": info, "cases": args.cases, "held_out_seed": HELD_OUT_SEED,
-           "noise_sigma": NOISE, "tuned_from": _rel(tuned_file), "fast_tuned_from": str(FAST_TUNED.relative_to(ROOT)),
+           "noise_sigma": NOISE, "tuned_from": repo_path(tuned_file), "fast_tuned_from": str(FAST_TUNED.relative_to(ROOT)),
            "tuned": tuned, "fast_tuned": fast, "deepinv": dinv.__version__, "smoke": bool(args.smoke),
            "environment": environment(torch.get_num_threads()), "updated": _now(),
            "notes": ("one posterior sample per case, clipped to [0, 1]; PSNR data range 1; network_calls and "
@@ -534,14 +534,6 @@ def task_spec_summary(task: str) -> dict:
 # ----------------------------------------------------------------------------- report
 def _f(v, spec: str = ".2f") -> str:
     return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
-def _rel(path) -> str | None:
-    """``path`` relative to the repository when inside it (for the results files)."""
-    if not path:
-        return None
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def _now() -> str:
@@ -677,7 +669,7 @@ def report(data: dict, plots_dir) -> str:
             parts.append(f"classical ({cl['name']}): PSNR {_f(cl['psnr_mean'])}, SSIM {_f(cl['ssim_mean'], '.3f')}\n")
         if plots_dir and (i == 0 or not data.get("smoke")):
             p = plot(task, pts, Path(plots_dir) / f"peers-{task}.png", data["cases"], cl)
-            parts.append(f"plot: {_rel(p)}\n")
+            parts.append(f"plot: {repo_path(p)}\n")
         parts.append(comparison_table(comparisons(pts)) + "\n")
     text = "\n".join(parts)
     print(text)

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import classical  # noqa: E402
-from bench.common import (CHECKPOINTS, HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_noise, atomic_write_json,  # noqa: E402
+from bench.common import (repo_path, CHECKPOINTS, HELD_OUT_SEED, OBS_SEED, TUNE_SEED, add_noise, atomic_write_json,  # noqa: E402
                           check_held_out, environment, finite_mean, fmt, held_out_phantoms, merge_result,
                           model_info, parse_method, previous_tuning, progress_printer, run_samples,
                           task_bench_main, task_bench_parser, tune_method, update_card)
@@ -179,7 +179,7 @@ def main_run(args, model) -> None:
     print(f"held-out check: {check_held_out(x_true, MODEL)}", file=sys.stderr)
     info = model_info(model, CHECKPOINTS / MODEL)  # MODEL: an id under checkpoints/ or a folder
     header = {"benchmark": "bench/phantom_tasks.py", "model": info, "cases": args.cases,
-              "held_out_seed": HELD_OUT_SEED, "noise_sigma": NOISE, "tuned_from": args.tuned,
+              "held_out_seed": HELD_OUT_SEED, "noise_sigma": NOISE, "tuned_from": repo_path(args.tuned),
               "environment": environment(torch.get_num_threads()),
               "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "psnr_note": ("one posterior sample per case (the mean of K for methods labelled samples=K), "

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (CHECKPOINTS, HELD_OUT_SEED, RESULTS, TUNE_SEED, atomic_write_json,  # noqa: E402
+from bench.common import (repo_path, CHECKPOINTS, HELD_OUT_SEED, RESULTS, TUNE_SEED, atomic_write_json,  # noqa: E402
                           environment, held_out_darcy, held_out_phantoms, set_threads, weights_digest)
 from bench.sample_grid import darcy_stats  # noqa: E402
 from guidance.unconditional import SOLVERS, sample_unconditional, steps_for_nfe  # noqa: E402
@@ -66,7 +66,7 @@ def load(model_id: str, checkpoints: Path):
     model = load_checkpoint(folder)
     tr = model.card.get("training") or {}
     return model, {"id": model_id, "training_steps": tr.get("steps"), "training_updated": tr.get("updated"),
-                   "weights_sha256_16": weights_digest(model_id, folder), "folder": str(folder)}
+                   "weights_sha256_16": weights_digest(model_id, folder), "folder": repo_path(folder)}
 
 
 def run_solver(model, solver: str, budget: int, num: int, seed: int) -> dict:
